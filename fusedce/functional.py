@@ -1,0 +1,203 @@
+"""``fusedce.cross_entropy``: argument checking, layout handling and the choice of implementation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .autograd import CrossEntropyFunction, ce_forward
+
+ImplChoice = Literal["auto", "triton", "torch"]
+_REDUCTIONS = ("none", "mean", "sum")
+_IMPLS = ("auto", "triton", "torch")
+
+
+def _kernels_runnable_on(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on tensors of ``device``, and if not, why."""
+    try:
+        from .kernels import INTERPRETED
+    except ImportError as exc:  # Triton missing or broken
+        return False, f"Triton could not be imported ({exc})"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and INTERPRETED:
+        return True, ""
+    if device.type == "cpu":
+        return False, (
+            "the tensors are on the CPU; set TRITON_INTERPRET=1 before fusedce.kernels is "
+            "imported to run the kernels in Triton's interpreter, or use impl='torch'"
+        )
+    return False, f"the Triton kernels do not run on {device.type} tensors"
+
+
+def resolve_impl(impl: ImplChoice, device: torch.device) -> Literal["triton", "torch"]:
+    """Map ``impl`` to the implementation that will run on tensors of ``device``.
+
+    ``"auto"`` runs the Triton kernels for CUDA tensors (when Triton imports) and PyTorch
+    otherwise; ``"triton"`` insists on the kernels; ``"torch"`` forces the PyTorch fallback.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    runnable, why = _kernels_runnable_on(device)
+    if impl == "triton":
+        if not runnable:
+            raise RuntimeError(f"impl='triton' cannot run: {why}")
+        return "triton"
+    return "triton" if device.type == "cuda" and runnable else "torch"
+
+
+def _check_common(
+    input: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float
+) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must hold floating-point logits, got dtype {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight is not None:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if weight.dim() != 1 or weight.shape[0] != n_classes:
+            raise ValueError(
+                f"weight must have shape ({n_classes},), one value per class, "
+                f"got {tuple(weight.shape)}"
+            )
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating-point, got dtype {weight.dtype}")
+        if weight.device != input.device:
+            raise ValueError(
+                f"weight is on {weight.device} but input is on {input.device}"
+            )
+
+
+def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold integer class indices, got dtype {target.dtype} with shape "
+            f"{tuple(target.shape)} (class probabilities must have the input's shape "
+            f"{tuple(input.shape)})"
+        )
+    if input.dim() == 1:
+        expected = ()
+    else:
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape "
+            f"{tuple(input.shape)}: expected {expected}"
+        )
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["none", "mean", "sum"] = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    impl: ImplChoice = "auto",
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
+
+    The loss and the gradient of the logits are computed in one pass over the logits (float32
+    arithmetic for every input dtype); the backward only applies ``grad_output``.
+
+    Args:
+        input: (N, C) or (C,) logits, float32/bfloat16/float16.  (N, C, d1, ...) is accepted too
+            and moved to (N * d1 * ..., C) (a copy).  A row stride other than C (a column slice of
+            a wider tensor, padded rows) is read in place.
+        target: (N,) (or (), or (N, d1, ...)) integer class indices in [0, C) or
+            ``ignore_index``.  Floating-point targets of the input's shape are class
+            probabilities and are handed to ``torch.nn.functional.cross_entropy`` unchanged.
+        weight: (C,) class weights, or None.
+        ignore_index: target value that contributes neither loss nor gradient.  Any int,
+            including a class id such as a pad id of 0.
+        reduction: ``"none"`` (one loss per target), ``"mean"`` (sum over counted targets
+            divided by the sum of their weights) or ``"sum"``.
+        label_smoothing: in [0, 1], PyTorch's definition.
+        impl: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch otherwise), ``"triton"`` or
+            ``"torch"``.
+        inplace_backward: write the gradient into ``input``'s storage during the forward, so no
+            logits-sized buffer is allocated.  The logits are consumed: after the call ``input``
+            holds the gradient (before ``grad_output`` is applied), and reading it as logits is
+            an error autograd reports if another operation saved it.  Only when a gradient is
+            computed; without one ``input`` is left untouched.
+
+    Returns:
+        The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
+        ``none``.
+
+    Differences from PyTorch: with ``reduction="mean"`` a batch in which no target counts (all
+    ignored, or empty) gives loss 0 and a zero gradient instead of NaN; rows whose target is
+    ignored get an exactly zero gradient even when their logits are not finite.
+    """
+    _check_common(input, weight, reduction, label_smoothing)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() and target.shape == input.shape:
+        # Class probabilities: PyTorch's own implementation, with PyTorch's semantics.
+        if weight is not None:
+            weight = weight.to(input.dtype)
+        return F.cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+        )
+    _check_class_target(input, target, ignore_index)
+    chosen = resolve_impl(impl, input.device)
+
+    out_shape = target.shape
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if input.dim() == 1:
+        logits = input.unsqueeze(0)
+    elif input.dim() == 2:
+        logits = input
+    else:
+        logits = input.movedim(1, -1).reshape(-1, n_classes)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    flat_target = target.reshape(-1).contiguous()
+    if weight is not None:
+        weight = weight.to(torch.float32).contiguous()
+
+    if torch.is_grad_enabled() and input.requires_grad:
+        loss = CrossEntropyFunction.apply(
+            logits,
+            flat_target,
+            weight,
+            ignore_index,
+            reduction,
+            float(label_smoothing),
+            chosen,
+            bool(inplace_backward),
+        )
+    else:
+        loss = ce_forward(
+            logits, flat_target, weight, ignore_index, reduction, float(label_smoothing),
+            chosen, None,
+        )
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    return loss

@@ -1,0 +1,8 @@
+"""fusedce's Triton kernels and their launch wrappers (installed as ``fusedce.kernels``).
+
+This package knows nothing of autograd or ``nn``: its wrappers take and return tensors.
+"""
+
+from .cross_entropy import INTERPRETED, LaunchConfig, ce_bwd, ce_fwd, launch_config
+
+__all__ = ["INTERPRETED", "LaunchConfig", "ce_bwd", "ce_fwd", "launch_config"]

@@ -1,0 +1,422 @@
+"""Triton kernels for cross-entropy over class-index targets, and their launch wrappers.
+
+Math (one row, logits ``x`` of length ``C``, target ``t``, class weights ``w`` (all ones when
+absent), ``W = sum_c w_c``, label smoothing ``eps``)::
+
+    lse  = log(sum_c exp(x_c))
+    loss = (1 - eps) * w_t * (lse - x_t) + (eps / C) * (W * lse - sum_c w_c * x_c)
+    dloss/dx_c = ((1 - eps) * w_t + eps * W / C) * p_c - (1 - eps) * w_t * [c == t] - (eps / C) * w_c
+
+with ``p_c = exp(x_c - lse)``.  This is PyTorch's definition: its smoothing term is
+``-(eps / C) * sum_c w_c * log_softmax(x)_c``.  A row whose target equals ``ignore_index`` has
+loss 0 and gradient 0 and its logits are never read.  A target outside ``[0, C)`` that is not
+ignored is never used as an address: its row gets a NaN loss and a NaN gradient.
+
+The gradient is written by the same launch that computes the loss, already multiplied by the
+reduction's scale (``1 / sum of counted target weights`` for ``mean``, 1 otherwise), which is read
+from device memory so that no host synchronisation is needed.  The backward only has to apply
+``grad_output`` (``ce_bwd``), and skips even that when it equals 1.
+
+The log-sum-exp is computed online: each lane of a ``BLOCK_SIZE`` vector keeps its own running
+max ``m`` and sum ``d`` of ``exp(x - m)``; lanes are merged once at the end.  When there are few
+rows, each row's vocabulary is split into ``n_splits`` contiguous chunks handled by separate
+programs: ``_ce_stats_kernel`` writes each chunk's partial ``(m, d, sum w*x)``, and
+``_ce_fwd_kernel`` merges a row's partials before computing the loss and its chunk of gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter (TRITON_INTERPRET=1) is chosen by Triton when a kernel is decorated, that is
+# when this module is imported; record it so the dispatcher can tell whether CPU tensors can be
+# launched on.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Running maxima start at the most negative finite float32 rather than -inf, so that a lane which
+# has only seen -inf logits (masked vocabulary entries) rescales by exp(0) instead of exp(nan).
+_MIN_F32 = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def _row_chunk_stats(
+    row_ptr,  # pointer to column 0 of the row
+    weight_ptr,
+    col_start,
+    col_end,  # exclusive; col_end <= col_start means an empty chunk
+    BLOCK_SIZE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+):
+    """Online (max, sum exp(x - max), sum w*x) over columns [col_start, col_end) of one row."""
+    cols = tl.arange(0, BLOCK_SIZE)
+    m_vec = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+    sx_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+    for start in range(col_start, col_end, BLOCK_SIZE):
+        offs = start + cols
+        mask = offs < col_end
+        x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        d_vec = d_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+        m_vec = m_new
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                sx_vec += tl.where(mask, w * x, 0.0)
+            else:
+                sx_vec += tl.where(mask, x, 0.0)
+    m = tl.max(m_vec, axis=0)
+    d = tl.sum(d_vec * tl.exp(m_vec - m), axis=0)
+    sx = tl.sum(sx_vec, axis=0)
+    return m, d, sx
+
+
+@triton.jit
+def _ce_stats_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    partial_ptr,  # (3, n_rows, n_splits) fp32: chunk max, chunk sum of exp(x - max), chunk sum w*x
+    stride_logits_row,
+    n_rows,
+    n_cols,
+    cols_per_split,  # a multiple of BLOCK_SIZE
+    n_splits,
+    ignore_index,
+    BLOCK_SIZE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+):
+    """Phase 1 of the split-vocabulary path: one program per (row, vocabulary chunk)."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    target = tl.load(target_ptr + row).to(tl.int64)
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n_cols)
+    # Ignored rows read nothing: an empty chunk leaves (m, d, sx) = (min, 0, 0).
+    col_end = tl.where(target == ignore_index, col_start, col_end)
+    m, d, sx = _row_chunk_stats(
+        logits_ptr + row * stride_logits_row,
+        weight_ptr,
+        col_start,
+        col_end,
+        BLOCK_SIZE=BLOCK_SIZE,
+        HAS_WEIGHT=HAS_WEIGHT,
+        HAS_SMOOTHING=HAS_SMOOTHING,
+    )
+    out = partial_ptr + row * n_splits + split
+    plane = n_rows * n_splits
+    tl.store(out, m)
+    tl.store(out + plane, d)
+    tl.store(out + 2 * plane, sx)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,  # (n_cols,) fp32 class weights, read only when HAS_WEIGHT
+    weight_sum_ptr,  # (1,) fp32 sum of the class weights, read only when HAS_WEIGHT
+    scale_ptr,  # (1,) fp32 gradient scale, read only when COMPUTE_GRAD
+    partial_ptr,  # (3, n_rows, n_splits) fp32 from _ce_stats_kernel, read only when SPLIT
+    loss_ptr,  # (n_rows,) fp32
+    lse_ptr,  # (n_rows,) fp32; 0 for ignored rows
+    grad_ptr,  # gradient of the logits, in their dtype, written only when COMPUTE_GRAD
+    stride_logits_row,
+    stride_grad_row,
+    n_rows,
+    n_cols,
+    cols_per_split,  # a multiple of BLOCK_SIZE
+    n_splits,
+    ignore_index,
+    label_smoothing,
+    BLOCK_SIZE: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,  # next power of two >= n_splits
+    SPLIT: tl.constexpr,  # n_splits > 1: merge the partials of _ce_stats_kernel
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+):
+    """Loss, log-sum-exp and gradient: one program per (row, vocabulary chunk)."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_row
+    target = tl.load(target_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < n_cols)
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n_cols)
+
+    # 1. The row's log-sum-exp (and sum w*x for smoothing).
+    if SPLIT:
+        # Merge the chunks' partials in a fixed order, so results are bitwise reproducible.
+        s = tl.arange(0, SPLIT_BLOCK)
+        smask = s < n_splits
+        part = partial_ptr + row * n_splits + s
+        plane = n_rows * n_splits
+        m_part = tl.load(part, mask=smask, other=_MIN_F32)
+        d_part = tl.load(part + plane, mask=smask, other=0.0)
+        m = tl.max(m_part, axis=0)
+        d = tl.sum(d_part * tl.exp(m_part - m), axis=0)
+        sx = tl.sum(tl.load(part + 2 * plane, mask=smask, other=0.0), axis=0)
+    else:
+        m, d, sx = _row_chunk_stats(
+            row_ptr,
+            weight_ptr,
+            0,
+            tl.where(ignored, 0, n_cols),
+            BLOCK_SIZE=BLOCK_SIZE,
+            HAS_WEIGHT=HAS_WEIGHT,
+            HAS_SMOOTHING=HAS_SMOOTHING,
+        )
+    lse = m + tl.log(d)
+
+    # 2. The loss.  The target logit is one scalar load, masked unless the target is in range.
+    safe_target = tl.where(valid, target, 0)
+    read_t = valid & (target != ignore_index)
+    x_t = tl.load(row_ptr + safe_target, mask=read_t, other=0.0).to(tl.float32)
+    x_t = tl.where(valid, x_t, float("nan"))
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + safe_target, mask=read_t, other=0.0)
+        w_sum = tl.load(weight_sum_ptr)
+    else:
+        w_t = 1.0
+        w_sum = n_cols * 1.0
+    loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+    if HAS_SMOOTHING:
+        loss += label_smoothing / n_cols * (w_sum * lse - sx)
+    loss = tl.where(ignored, 0.0, loss)
+    if split == 0:
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+
+    # 3. The gradient of this program's chunk:
+    #    g_c = scale * (a * p_c - b * [c == t] - s * w_c), zero for an ignored row.
+    if COMPUTE_GRAD:
+        scale = tl.load(scale_ptr)
+        scale = tl.where(ignored, 0.0, scale)
+        scale = tl.where(valid | ignored, scale, float("nan"))
+        b = scale * (1.0 - label_smoothing) * w_t
+        s = scale * label_smoothing / n_cols
+        a = b + s * w_sum
+        # An ignored row uses lse = 0 with every load masked off: p = exp(-inf) = 0, so g = 0
+        # is written without reading the logits.
+        lse_g = tl.where(ignored, 0.0, lse)
+        read_end = tl.where(ignored, col_start, col_end)
+        cols = tl.arange(0, BLOCK_SIZE)
+        grad_row_ptr = grad_ptr + row * stride_grad_row
+        for start in range(col_start, col_end, BLOCK_SIZE):
+            offs = start + cols
+            mask = offs < col_end
+            x = tl.load(row_ptr + offs, mask=offs < read_end, other=-float("inf")).to(tl.float32)
+            g = a * tl.exp(x - lse_g) - tl.where(offs == target, b, 0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    g -= s * tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                else:
+                    g -= s
+            tl.store(grad_row_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    grad_ptr,  # gradient of the logits, scaled in place
+    grad_output_ptr,  # fp32 scalar (stride 0) or one value per row
+    stride_grad_row,
+    stride_grad_output,
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """grad[row, :] *= grad_output[row]; a program whose factor is exactly 1 does nothing."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    factor = tl.load(grad_output_ptr + row * stride_grad_output).to(tl.float32)
+    if factor != 1.0:
+        offs = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n_cols
+        ptr = grad_ptr + row * stride_grad_row + offs
+        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+class LaunchConfig(NamedTuple):
+    """How ``ce_fwd`` tiles the problem."""
+
+    block_size: int  # columns per load
+    num_warps: int
+    n_splits: int  # programs per row
+    cols_per_split: int  # columns per program, a multiple of block_size
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: any fixed number keeps launches reproducible
+
+
+def launch_config(
+    n_rows: int,
+    n_cols: int,
+    device: torch.device,
+    *,
+    block_size: int | None = None,
+    n_splits: int | None = None,
+) -> LaunchConfig:
+    """Choose block size, warps and vocabulary split for an ``(n_rows, n_cols)`` problem.
+
+    Heuristic: a block covers up to 8192 columns (32 KiB of fp32 state per lane vector) with one
+    warp per 512 columns, between 4 and 16.  The vocabulary is split across programs only when
+    there are fewer than four rows per SM, so that every SM gets work; a chunk is never smaller
+    than four blocks.  ``block_size`` and ``n_splits`` override the heuristic (tests use them to
+    reach the multi-block and split paths at small sizes).
+    """
+    if block_size is None:
+        block_size = min(triton.next_power_of_2(max(n_cols, 1)), 8192)
+    elif block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    n_blocks = triton.cdiv(max(n_cols, 1), block_size)
+    if n_splits is None:
+        target_programs = 4 * _num_sms(device)
+        n_splits = 1
+        if n_rows < target_programs:
+            n_splits = max(1, min(triton.cdiv(target_programs, max(n_rows, 1)), n_blocks // 4))
+    elif n_splits < 1:
+        raise ValueError(f"n_splits must be at least 1, got {n_splits}")
+    n_splits = min(n_splits, n_blocks)
+    # Round the chunk up to whole blocks, then drop splits that would be empty.
+    cols_per_split = triton.cdiv(n_blocks, n_splits) * block_size
+    n_splits = triton.cdiv(max(n_cols, 1), cols_per_split)
+    num_warps = min(16, max(4, block_size // 512))
+    return LaunchConfig(block_size, num_warps, n_splits, cols_per_split)
+
+
+def ce_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    weight_sum: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    grad: torch.Tensor | None,
+    *,
+    block_size: int | None = None,
+    n_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy, and the gradient of the logits in the same launch.
+
+    Args:
+        logits: (N, C) float32/bfloat16/float16, last dimension contiguous (any row stride).
+        target: (N,) integer class indices; may hold ``ignore_index`` or, for broken input, values
+            outside [0, C), which give NaN for that row and are never used as addresses.
+        weight: (C,) float32 class weights, or None.
+        weight_sum: (1,) float32 ``weight.sum()``, when ``weight`` is given.
+        scale: (1,) float32 factor the gradient is multiplied by (the reduction's 1/denominator);
+            needed only with ``grad``.
+        ignore_index: target value whose rows count for nothing.
+        label_smoothing: in [0, 1].
+        grad: (N, C) tensor of the logits' dtype with a contiguous last dimension to write the
+            scaled gradient into (it may be ``logits`` itself), or None for the loss only, which
+            reads the logits once and writes nothing logits-sized.
+        block_size, n_splits: override ``launch_config``'s choice.
+
+    Returns:
+        (loss, lse): (N,) float32 per-row loss (0 for ignored rows, already multiplied by the
+        target's weight) and (N,) float32 log-sum-exp (0 for ignored rows).
+    """
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return loss, lse
+    cfg = launch_config(n_rows, n_cols, logits.device, block_size=block_size, n_splits=n_splits)
+    has_weight = weight is not None
+    has_smoothing = label_smoothing > 0.0
+    compute_grad = grad is not None
+    split = cfg.n_splits > 1
+    grid = (n_rows, cfg.n_splits)
+    # Unused pointer arguments get a real tensor so that every argument has a valid address.
+    dummy = loss
+    partial = dummy
+    if split:
+        partial = torch.empty(3 * n_rows * cfg.n_splits, dtype=torch.float32, device=logits.device)
+        _ce_stats_kernel[grid](
+            logits_ptr=logits,
+            target_ptr=target,
+            weight_ptr=weight if has_weight else dummy,
+            partial_ptr=partial,
+            stride_logits_row=logits.stride(0),
+            n_rows=n_rows,
+            n_cols=n_cols,
+            cols_per_split=cfg.cols_per_split,
+            n_splits=cfg.n_splits,
+            ignore_index=ignore_index,
+            BLOCK_SIZE=cfg.block_size,
+            HAS_WEIGHT=has_weight,
+            HAS_SMOOTHING=has_smoothing,
+            num_warps=cfg.num_warps,
+        )
+    _ce_fwd_kernel[grid](
+        logits_ptr=logits,
+        target_ptr=target,
+        weight_ptr=weight if has_weight else dummy,
+        weight_sum_ptr=weight_sum if has_weight else dummy,
+        scale_ptr=scale if compute_grad else dummy,
+        partial_ptr=partial,
+        loss_ptr=loss,
+        lse_ptr=lse,
+        grad_ptr=grad if compute_grad else logits,
+        stride_logits_row=logits.stride(0),
+        stride_grad_row=grad.stride(0) if compute_grad else 0,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        cols_per_split=cfg.cols_per_split,
+        n_splits=cfg.n_splits,
+        ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        BLOCK_SIZE=cfg.block_size,
+        SPLIT_BLOCK=triton.next_power_of_2(cfg.n_splits),
+        SPLIT=split,
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=has_smoothing,
+        COMPUTE_GRAD=compute_grad,
+        num_warps=cfg.num_warps,
+    )
+    return loss, lse
+
+
+def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | None = None) -> None:
+    """Multiply the stored gradient by ``grad_output`` in place, without a host synchronisation.
+
+    Args:
+        grad: (N, C) gradient written by ``ce_fwd``, last dimension contiguous.
+        grad_output: a scalar (mean/sum reductions) or (N,) per-row factors (``none``), any float
+            dtype, on the same device.  Rows whose factor is exactly 1 are left untouched, so the
+            common ``grad_output == 1`` costs one launch and no memory traffic.
+    """
+    n_rows, n_cols = grad.shape
+    if n_rows == 0 or n_cols == 0:
+        return
+    if block_size is None:
+        block_size = min(triton.next_power_of_2(n_cols), 4096)
+    factor = grad_output.reshape(-1)
+    stride = 0 if factor.numel() == 1 else factor.stride(0)
+    grid = (n_rows, triton.cdiv(n_cols, block_size))
+    _ce_bwd_kernel[grid](
+        grad_ptr=grad,
+        grad_output_ptr=factor,
+        stride_grad_row=grad.stride(0),
+        stride_grad_output=stride,
+        n_cols=n_cols,
+        BLOCK_SIZE=block_size,
+        num_warps=min(8, max(1, block_size // 512)),
+    )
+
+
+__all__ = ["INTERPRETED", "LaunchConfig", "launch_config", "ce_fwd", "ce_bwd"]

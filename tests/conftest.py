@@ -1,0 +1,42 @@
+"""Test configuration: CUDA when present, otherwise the Triton interpreter on CPU tensors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The interpreter must be chosen before Triton decorates the kernels, i.e. before
+# fusedce.kernels is first imported.  torch.cuda.is_available() does not initialise CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the Triton-path tests run: the GPU, or the CPU through the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every ``torch.empty``/``empty_like`` called from Python return poisoned memory
+    (NaN for floats, a large value for integers), so an element a kernel forgets to write shows.
+    """
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _fill(t):
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        if t.dtype != torch.bool:
+            return t.fill_(torch.iinfo(t.dtype).max // 2)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
