@@ -139,7 +139,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0]:
             if inplace_backward:
-                grad = input
+                # A new tensor over the same storage: returned as the gradient, autograd can keep
+                # it as is, where the input object itself would be copied.
+                grad = input.detach()
             else:
                 grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
         loss = ce_forward(

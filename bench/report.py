@@ -1,0 +1,97 @@
+"""Writing benchmark results: JSON with every figure, a Markdown table, PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .harness import MODES, Result
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(results: list[Result]) -> str:
+    """One row per (cell, contender), cells in run order."""
+    head = ("| mode | dtype | tokens | vocab | contender | ms | GB/s | % copy BW | "
+            "peak extra MiB | % of logits | vs eager | loss err | grad err | note |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        note = "" if r.status == "ok" else r.status
+        if r.compile_s is not None:
+            note = (note + " " if note else "") + f"compile {r.compile_s:.1f} s"
+        lines.append(
+            f"| {r.mode} | {r.dtype} | {r.tokens} | {r.vocab} | {r.contender} | "
+            f"{_fmt(r.ms, '.3f')} | {_fmt(r.gbps, '.1f')} | {_fmt(r.pct_copy_bw, '.1f')} | "
+            f"{_fmt(r.peak_extra_mib, '.0f')} | {_fmt(r.peak_extra_pct_logits, '.1f')} | "
+            f"{_fmt(r.speedup_vs_eager, '.2f')}{'' if r.speedup_vs_eager is None else '×'} | "
+            f"{_fmt(r.loss_err, '.1e')} | {_fmt(r.grad_err, '.1e')} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, meta: dict, results: list[Result]) -> None:
+    payload = {"meta": meta, "results": [r.__dict__ for r in results]}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def write_markdown(path: Path, meta: dict, results: list[Result]) -> None:
+    lines = [f"# fusedce benchmark: {meta['device']}", ""]
+    lines += [f"- {key}: {value}" for key, value in meta.items() if key != "skipped"]
+    if meta.get("skipped"):
+        lines += ["- skipped contenders:"]
+        lines += [f"  - {name}: {why}" for name, why in meta["skipped"].items()]
+    lines += ["", "Modes: " + "; ".join(f"`{k}` {v}" for k, v in MODES.items()), ""]
+    lines += [markdown_table(results)]
+    path.write_text("\n".join(lines))
+
+
+def write_plots(folder: Path, results: list[Result]) -> list[Path]:
+    """Time and peak memory against vocabulary size, one line per contender.
+
+    One PNG per (dtype, tokens), a row of two panels per mode.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups: dict[tuple[str, int], list[Result]] = defaultdict(list)
+    for r in results:
+        if r.status == "ok":
+            groups[(r.dtype, r.tokens)].append(r)
+    written = []
+    for (dtype, tokens), rows in sorted(groups.items()):
+        modes = [m for m in MODES if any(r.mode == m for r in rows)]
+        fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.2 * len(modes)), squeeze=False)
+        for i, mode in enumerate(modes):
+            by_contender: dict[str, list[Result]] = defaultdict(list)
+            for r in rows:
+                if r.mode == mode:
+                    by_contender[r.contender].append(r)
+            for name, points in sorted(by_contender.items()):
+                points.sort(key=lambda r: r.vocab)
+                vocab = [r.vocab for r in points]
+                axes[i][0].plot(vocab, [r.ms for r in points], marker="o", label=name)
+                if all(r.peak_extra_mib is not None for r in points):
+                    axes[i][1].plot(vocab, [r.peak_extra_mib for r in points], marker="o",
+                                    label=name)
+            axes[i][0].set_title(f"{mode}: time")
+            axes[i][0].set_ylabel("ms (median)")
+            axes[i][1].set_title(f"{mode}: peak memory above inputs")
+            axes[i][1].set_ylabel("MiB")
+            for ax in axes[i]:
+                ax.set_xlabel("vocabulary size")
+                ax.grid(alpha=0.3)
+            axes[i][0].legend(fontsize=7)
+        fig.suptitle(f"{dtype}, {tokens} tokens")
+        fig.tight_layout()
+        path = folder / f"{dtype}_{tokens}tok.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
