@@ -102,7 +102,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def median_time_s(fn: Callable[[], object], device: torch.device, *,
-                  setup: Callable[[], object] | None = None, cpu_reps: int = 3) -> float:
+                  setup: Callable[[], object] | None = None, cpu_reps: int = 5) -> float:
     """Median seconds of ``fn()``, excluding ``setup()`` (run before each timed call) and warm-up.
 
     On CUDA without setup: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls).
@@ -330,26 +330,27 @@ def run_contender(cell: Cell, contender: Contender, loss_fn, bandwidth: float) -
 
     setup = restore if contender.inplace else None
     try:
-        # 1. First call: compilation (if any), peak memory, and the outputs for the error check.
+        # 1. First call: compilation (if any), and the outputs for the error check.
+        state["i"] = 0
         if setup:
-            state["i"] = 0
             setup()
-        for leaf in leaves:
-            leaf.grad = None
         synchronize(cell.device)
         t0 = time.perf_counter()
-        first_call = {}
-
-        def first() -> None:
-            first_call["loss"] = step(0)
-
-        peak = peak_extra_bytes(first, cell.device)
+        loss = step(0)
         synchronize(cell.device)
         first_s = time.perf_counter() - t0
         ref_loss, ref_grad = cell.reference()
-        res.loss_err = rel_err(first_call["loss"].float(), ref_loss)
+        res.loss_err = rel_err(loss.float(), ref_loss)
         if backward:
             res.grad_err = rel_err(leaves[0].grad[cell.sample_rows].float(), ref_grad)
+        del loss
+        # 2. Peak memory of a warmed-up call (first calls also pay one-time set-up costs).
+        state["i"] = 0
+        if setup:
+            setup()
+        if backward:
+            leaves[0].grad = None
+        peak = peak_extra_bytes(lambda: step(0), cell.device)
         if peak is not None:
             res.peak_extra_mib = peak / 2**20
             res.peak_extra_pct_logits = 100.0 * peak / cell.logits_bytes

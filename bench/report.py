@@ -20,7 +20,7 @@ def markdown_table(results: list[Result]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         note = "" if r.status == "ok" else r.status
-        if r.compile_s is not None:
+        if r.compile_s is not None and r.compile_s >= 0.05:  # 0: no recompilation was needed
             note = (note + " " if note else "") + f"compile {r.compile_s:.1f} s"
         lines.append(
             f"| {r.mode} | {r.dtype} | {r.tokens} | {r.vocab} | {r.contender} | "

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import CrossEntropyFunction, ce_forward
+from .autograd import CrossEntropyFunction, cross_entropy_forward
 
 ImplChoice = Literal["auto", "triton", "torch"]
+
+
+class CrossEntropyStats(NamedTuple):
+    """Training statistics computed in the same pass as the loss (float32, no gradient).
+
+    ``lse``: the log-sum-exp of each row's (scaled, capped) logits, the target's shape, 0 where
+    the target is ignored.  ``z_loss``: the z-loss part of the loss, reduced like the loss (0 when
+    ``lse_square_scale`` is 0).  ``accuracy``: the share of counted targets that are their row's
+    argmax (the first one, on ties), a scalar.
+    """
+
+    lse: Tensor
+    z_loss: Tensor
+    accuracy: Tensor
 _REDUCTIONS = ("none", "mean", "sum")
 _IMPLS = ("auto", "triton", "torch")
 
@@ -115,7 +130,12 @@ def cross_entropy(
     *,
     impl: ImplChoice = "auto",
     inplace_backward: bool = False,
-) -> Tensor:
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
+    num_items_in_batch: int | Tensor | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
 
     The loss and the gradient of the logits are computed in one pass over the logits (float32
@@ -141,19 +161,37 @@ def cross_entropy(
             holds the gradient (before ``grad_output`` is applied), and reading it as logits is
             an error autograd reports if another operation saved it.  Only when a gradient is
             computed; without one ``input`` is left untouched.
+        logit_scale: multiply the logits by this (> 0) first (Cohere/Granite-style scaling).
+        softcap: then cap them to ``softcap * tanh(logits / softcap)`` (Gemma-2 style), or None.
+        lse_square_scale: z-loss: add ``lse_square_scale * lse**2`` per counted target (times
+            its class weight), reduced like the loss.
+        num_items_in_batch: with ``reduction="mean"``, divide the summed loss by this instead of
+            by the number (or weight) of counted targets: the number of real tokens over all
+            micro-batches of a gradient-accumulation step, as transformers' Trainer passes it.
+            A tensor stays on its device (no host synchronisation).
+        return_stats: also return a ``CrossEntropyStats`` (log-sum-exp, z-loss, token
+            accuracy), computed in the same pass over the logits.
 
     Returns:
         The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
-        ``none``.
+        ``none``; with ``return_stats``, ``(loss, stats)``.
 
     Differences from PyTorch: with ``reduction="mean"`` a batch in which no target counts (all
     ignored, or empty) gives loss 0 and a zero gradient instead of NaN; rows whose target is
     ignored get an exactly zero gradient even when their logits are not finite.
     """
     _check_common(input, weight, reduction, label_smoothing)
+    _check_extras(reduction, logit_scale, softcap, lse_square_scale, num_items_in_batch)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    extras_used = (logit_scale != 1.0 or softcap is not None or lse_square_scale != 0.0
+                   or num_items_in_batch is not None or return_stats)
     if target.is_floating_point() and target.shape == input.shape:
+        if extras_used:
+            raise ValueError(
+                "logit_scale, softcap, lse_square_scale, num_items_in_batch and return_stats "
+                "need class-index targets; got class probabilities"
+            )
         # Class probabilities: PyTorch's own implementation, with PyTorch's semantics.
         if weight is not None:
             weight = weight.to(input.dtype)
@@ -182,22 +220,65 @@ def cross_entropy(
     if weight is not None:
         weight = weight.to(torch.float32).contiguous()
 
+    extras = (float(logit_scale), None if softcap is None else float(softcap),
+              float(lse_square_scale), num_items_in_batch, bool(return_stats))
     if torch.is_grad_enabled() and input.requires_grad:
-        loss = CrossEntropyFunction.apply(
-            logits,
-            flat_target,
-            weight,
-            ignore_index,
-            reduction,
-            float(label_smoothing),
-            chosen,
-            bool(inplace_backward),
+        loss, lse, z_loss, accuracy = CrossEntropyFunction.apply(
+            logits, flat_target, weight, ignore_index, reduction, float(label_smoothing), chosen,
+            bool(inplace_backward), None, None, *extras,
         )
     else:
-        loss = ce_forward(
-            logits, flat_target, weight, ignore_index, reduction, float(label_smoothing),
-            chosen, None,
+        (loss, lse, z_loss, accuracy), _ = cross_entropy_forward(
+            logits, flat_target, weight, ignore_index, reduction, float(label_smoothing), chosen,
+            logit_scale=extras[0], softcap=extras[1], lse_square_scale=extras[2],
+            num_items_in_batch=extras[3], compute_accuracy=extras[4],
         )
     if reduction == "none":
         loss = loss.reshape(out_shape)
-    return loss
+    if not return_stats:
+        return loss
+    if lse_square_scale == 0.0:
+        z_loss = torch.zeros(loss.shape, dtype=torch.float32, device=loss.device)
+    elif reduction == "none":
+        z_loss = z_loss.reshape(out_shape)
+    return loss, CrossEntropyStats(lse.reshape(out_shape), z_loss, accuracy)
+
+
+def _check_extras(
+    reduction: str,
+    logit_scale: float,
+    softcap: float | None,
+    lse_square_scale: float,
+    num_items_in_batch: int | Tensor | None,
+) -> None:
+    if not isinstance(logit_scale, (int, float)) or not (
+        math.isfinite(logit_scale) and logit_scale > 0
+    ):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if softcap is not None and not (
+        isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0
+    ):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not isinstance(lse_square_scale, (int, float)) or not (
+        math.isfinite(lse_square_scale) and lse_square_scale >= 0
+    ):
+        raise ValueError(f"lse_square_scale must be a finite number >= 0, got {lse_square_scale!r}")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(
+                "num_items_in_batch replaces the denominator of reduction='mean'; got "
+                f"reduction={reduction!r}"
+            )
+        if isinstance(num_items_in_batch, Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(
+                    "num_items_in_batch must hold one number, got shape "
+                    f"{tuple(num_items_in_batch.shape)}"
+                )
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
+            raise TypeError(
+                "num_items_in_batch must be an int, a one-element tensor or None, got "
+                f"{type(num_items_in_batch).__name__}"
+            )
+        elif num_items_in_batch <= 0:
+            raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")

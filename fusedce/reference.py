@@ -44,31 +44,37 @@ def ce_fwd_torch(
     label_smoothing: float,
     grad: Tensor | None,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
+    compute_accuracy: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
-) -> tuple[Tensor, Tensor]:
-    """Per-row cross-entropy, and the scaled gradient of the logits, with PyTorch operations.
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per-row cross-entropy, its extras, and the scaled gradient of the logits, with PyTorch.
 
     Arguments and results are those of ``fusedce.kernels.ce_fwd`` (``weight`` float32 of shape
-    (C,), ``weight_sum`` and ``scale`` float32 of shape (1,), ``grad`` the destination or None),
-    except that a target outside ``[0, C)`` that is not ``ignore_index`` raises ``ValueError``.
-
-    Returns:
-        (loss, lse): (N,) float32 each; 0 for ignored rows.
+    (C,), ``weight_sum`` and ``scale`` float32 of shape (1,), ``grad`` the destination or None;
+    results ``(loss, lse, z_loss, correct)``, each (N,) float32 or None), except that a target
+    outside ``[0, C)`` that is not ``ignore_index`` raises ``ValueError``.
     """
     n_rows, n_cols = logits.shape
     check_targets(target, n_cols, ignore_index)
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    device = logits.device
+    has_zloss = lse_square_scale != 0.0
+    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    z_loss = torch.empty(n_rows, dtype=torch.float32, device=device) if has_zloss else None
+    correct = torch.empty(n_rows, dtype=torch.float32, device=device) if compute_accuracy else None
     if n_rows == 0:
-        return loss, lse
+        return loss, lse, z_loss, correct
     eps = float(label_smoothing)
+    transformed = logit_scale != 1.0 or softcap is not None
     rows_per_chunk = max(1, chunk_elements // max(n_cols, 1))
+    chunk_shape = (min(rows_per_chunk, n_rows), n_cols)
+    # A float32 gradient is built in its destination; any other dtype in a scratch chunk.
     in_place_f32 = grad is not None and grad.dtype == torch.float32
-    scratch = None
-    if not in_place_f32:
-        scratch = torch.empty(
-            min(rows_per_chunk, n_rows), n_cols, dtype=torch.float32, device=logits.device
-        )
+    scratch = None if in_place_f32 else torch.empty(chunk_shape, device=device)
+    z_scratch = torch.empty(chunk_shape, device=device) if transformed else None
     w_sum = weight_sum if weight is not None else float(n_cols)
     for r0 in range(0, n_rows, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, n_rows)
@@ -76,36 +82,50 @@ def ce_fwd_torch(
         t = target[r0:r1]
         ignored = t == ignore_index
         t_safe = torch.where(ignored, 0, t).long().unsqueeze(1)
-        # A float32 gradient is built in its destination; any other dtype in the scratch chunk.
         buf = grad[r0:r1] if in_place_f32 else scratch[: r1 - r0]
 
-        # 1. What is needed of x before buf (which may be x itself) is overwritten.
-        m = x.amax(dim=1)
-        x_t = x.gather(1, t_safe).squeeze(1)
+        # 1. The transformed logits z, and what is needed of them before buf (which may be x
+        #    itself) is overwritten.
+        z = x
+        if transformed:
+            z = torch.mul(x, logit_scale, out=z_scratch[: r1 - r0])
+            if softcap is not None:
+                z.div_(softcap).tanh_().mul_(softcap)
+        m = z.amax(dim=1)
+        z_t = z.gather(1, t_safe).squeeze(1)
         if eps > 0.0:
-            sx = x @ weight if weight is not None else x.sum(dim=1)
+            sz = z @ weight if weight is not None else z.sum(dim=1)
+        if compute_accuracy:
+            hit = (z.argmax(dim=1) == t) & ~ignored
+            correct[r0:r1] = hit.float()
 
         # 2. Softmax (one fused, vectorised pass), then the log-sum-exp from the largest
         #    probability: p_max = exp(m - lse) lies in [1/C, 1], so lse = m - log(p_max) is exact
-        #    to rounding, unlike x_t - log(p_t), which underflows for an unlikely target.
-        torch._softmax(x, 1, False, out=buf)
+        #    to rounding, unlike z_t - log(p_t), which underflows for an unlikely target.
+        torch._softmax(z, 1, False, out=buf)
         row_lse = m - buf.amax(dim=1).log()
 
         # 3. The loss.
         w_t = weight[t_safe.squeeze(1)] if weight is not None else 1.0
-        row_loss = (1.0 - eps) * w_t * (row_lse - x_t)
+        row_loss = (1.0 - eps) * w_t * (row_lse - z_t)
         if eps > 0.0:
-            row_loss = row_loss + eps / n_cols * (w_sum * row_lse - sx)
+            row_loss = row_loss + eps / n_cols * (w_sum * row_lse - sz)
+        if has_zloss:
+            row_z = torch.where(ignored, 0.0, lse_square_scale * w_t * row_lse * row_lse)
+            z_loss[r0:r1] = row_z
+            row_loss = row_loss + row_z
         loss[r0:r1] = torch.where(ignored, 0.0, row_loss)
         lse[r0:r1] = torch.where(ignored, 0.0, row_lse)
 
-        # 4. The gradient: scale * (a * p - b * onehot(t) - s * w), zero for ignored rows.
+        # 4. The gradient: scale * (a * p - b * onehot(t) - s * w) * dz/dx, zero when ignored.
         if grad is None:
             continue
         row_scale = torch.where(ignored, 0.0, scale)
         b = row_scale * (1.0 - eps) * w_t
         s = row_scale * (eps / n_cols)
         a = b + s * w_sum
+        if has_zloss:
+            a = a + row_scale * 2.0 * lse_square_scale * w_t * row_lse
         buf.mul_(a.unsqueeze(1))
         buf.scatter_add_(1, t_safe, -b.unsqueeze(1))
         if eps > 0.0:
@@ -113,11 +133,15 @@ def ce_fwd_torch(
                 buf.addr_(s, weight, alpha=-1.0)
             else:
                 buf.sub_(s.unsqueeze(1))
+        if softcap is not None:
+            buf.mul_(z.div_(softcap).square_().neg_().add_(1.0))  # 1 - tanh^2
+        if logit_scale != 1.0:
+            buf.mul_(logit_scale)
         if bool(ignored.any()):
             buf.masked_fill_(ignored.unsqueeze(1), 0.0)  # exact zeros even for non-finite logits
         if not in_place_f32:
             grad[r0:r1].copy_(buf)
-    return loss, lse
+    return loss, lse, z_loss, correct
 
 
 def ce_bwd_torch(grad: Tensor, grad_output: Tensor) -> None:

@@ -96,3 +96,66 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
     diff = (out - ref).norm().item()
     scale = ref.norm().item()
     return diff / scale if scale > 0 else diff
+
+
+def reference_extras(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
+    num_items_in_batch: float | None = None,
+    grad_output: Tensor | float | None = None,
+) -> dict[str, Tensor | None]:
+    """The loss with fusedce's extras in float64 on the CPU, written from the formulas.
+
+    ``z = softcap * tanh(logit_scale * x / softcap)``, ``lse = logsumexp(z)``, per counted row
+    ``w_t * (1 - eps) * (lse - z_t) + eps / C * sum_c w_c * (lse - z_c) + lam * w_t * lse**2``,
+    reduced by the sum of counted ``w_t`` (or ``num_items_in_batch``) for ``mean``.
+
+    Returns:
+        A dict with ``loss``, ``lse`` (per row, 0 where ignored), ``z_loss`` (reduced like the
+        loss), ``accuracy`` and ``grad`` (when ``grad_output`` is given).
+    """
+    x = logits.detach().to("cpu", torch.float64).requires_grad_(grad_output is not None)
+    t = target.detach().to("cpu").long()
+    n_cols = x.shape[-1]
+    w = (weight.detach().to("cpu", torch.float64) if weight is not None
+         else torch.ones(n_cols, dtype=torch.float64))
+    counted = t != ignore_index
+    t_safe = torch.where(counted, t, 0)
+    z = x * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    z_t = z.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)
+    w_t = w[t_safe]
+    eps = label_smoothing
+    rows = (1 - eps) * w_t * (lse - z_t) + eps / n_cols * ((lse.unsqueeze(-1) - z) * w).sum(-1)
+    z_rows = lse_square_scale * w_t * lse**2
+    rows = torch.where(counted, rows + z_rows, 0.0)
+    z_rows = torch.where(counted, z_rows, 0.0)
+    if reduction == "none":
+        loss, z_loss = rows, z_rows
+    elif reduction == "sum":
+        loss, z_loss = rows.sum(), z_rows.sum()
+    else:
+        denom = (torch.tensor(float(num_items_in_batch), dtype=torch.float64)
+                 if num_items_in_batch is not None else torch.where(counted, w_t, 0.0).sum())
+        inv = 1.0 / denom if denom != 0 else torch.tensor(0.0, dtype=torch.float64)
+        loss, z_loss = rows.sum() * inv, z_rows.sum() * inv
+    n_counted = int(counted.sum())
+    hits = ((z.argmax(-1) == t) & counted).sum().double()
+    accuracy = hits / n_counted if n_counted else torch.tensor(0.0, dtype=torch.float64)
+    grad = None
+    if grad_output is not None:
+        go = torch.as_tensor(grad_output, dtype=torch.float64)
+        loss.backward(go.expand_as(loss) if go.dim() == 0 else go)
+        grad = x.grad
+    return {"loss": loss.detach(), "lse": torch.where(counted, lse, 0.0).detach(),
+            "z_loss": z_loss.detach(), "accuracy": accuracy, "grad": grad}

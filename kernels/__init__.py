@@ -3,6 +3,6 @@
 This package knows nothing of autograd or ``nn``: its wrappers take and return tensors.
 """
 
-from .cross_entropy import INTERPRETED, LaunchConfig, ce_bwd, ce_fwd, launch_config
+from .cross_entropy import INTERPRETED, LaunchConfig, RowOutputs, ce_bwd, ce_fwd, launch_config
 
-__all__ = ["INTERPRETED", "LaunchConfig", "ce_bwd", "ce_fwd", "launch_config"]
+__all__ = ["INTERPRETED", "LaunchConfig", "RowOutputs", "ce_bwd", "ce_fwd", "launch_config"]

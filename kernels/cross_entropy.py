@@ -1,16 +1,24 @@
 """Triton kernels for cross-entropy over class-index targets, and their launch wrappers.
 
-Math (one row, logits ``x`` of length ``C``, target ``t``, class weights ``w`` (all ones when
-absent), ``W = sum_c w_c``, label smoothing ``eps``)::
+Math (one row of logits ``x`` of length ``C``, target ``t``, class weights ``w`` (all ones when
+absent), ``W = sum_c w_c``, label smoothing ``eps``, z-loss scale ``lam``).  The logits are first
+transformed, elementwise::
 
-    lse  = log(sum_c exp(x_c))
-    loss = (1 - eps) * w_t * (lse - x_t) + (eps / C) * (W * lse - sum_c w_c * x_c)
-    dloss/dx_c = ((1 - eps) * w_t + eps * W / C) * p_c - (1 - eps) * w_t * [c == t] - (eps / C) * w_c
+    z = logit_scale * x                      then, with a softcap c:   z = c * tanh(z / c)
 
-with ``p_c = exp(x_c - lse)``.  This is PyTorch's definition: its smoothing term is
-``-(eps / C) * sum_c w_c * log_softmax(x)_c``.  A row whose target equals ``ignore_index`` has
-loss 0 and gradient 0 and its logits are never read.  A target outside ``[0, C)`` that is not
-ignored is never used as an address: its row gets a NaN loss and a NaN gradient.
+and then, with ``lse = log(sum_c exp(z_c))`` and ``p_c = exp(z_c - lse)``::
+
+    loss = (1 - eps) * w_t * (lse - z_t) + (eps / C) * (W * lse - sum_c w_c * z_c) + lam * w_t * lse^2
+    dloss/dz_c = ((1 - eps) * w_t + eps * W / C + 2 * lam * w_t * lse) * p_c
+                 - (1 - eps) * w_t * [c == t] - (eps / C) * w_c
+    dz_c/dx_c  = logit_scale * (1 - tanh^2(logit_scale * x_c / c))   (logit_scale without softcap)
+
+Without smoothing and z-loss this is ``w_t * (lse - z_t)``; the smoothing term is PyTorch's
+``-(eps / C) * sum_c w_c * log_softmax(z)_c``; the z-loss (PaLM's ``lam * lse^2``) is weighted
+by the target's class weight like the rest of the row's loss.  A row whose target equals
+``ignore_index`` has loss 0 and gradient 0 and its logits are never read.  A target outside
+``[0, C)`` that is not ignored is never used as an address: its row gets a NaN loss and a NaN
+gradient.
 
 The gradient is written by the same launch that computes the loss, already multiplied by the
 reduction's scale (``1 / sum of counted target weights`` for ``mean``, 1 otherwise), which is read
@@ -18,10 +26,11 @@ from device memory so that no host synchronisation is needed.  The backward only
 ``grad_output`` (``ce_bwd``), and skips even that when it equals 1.
 
 The log-sum-exp is computed online: each lane of a ``BLOCK_SIZE`` vector keeps its own running
-max ``m`` and sum ``d`` of ``exp(x - m)``; lanes are merged once at the end.  When there are few
-rows, each row's vocabulary is split into ``n_splits`` contiguous chunks handled by separate
-programs: ``_ce_stats_kernel`` writes each chunk's partial ``(m, d, sum w*x)``, and
-``_ce_fwd_kernel`` merges a row's partials before computing the loss and its chunk of gradient.
+max ``m`` and sum ``d`` of ``exp(z - m)`` (and, for token accuracy, the first column reaching its
+max); lanes are merged once at the end.  When there are few rows, each row's vocabulary is split
+into ``n_splits`` contiguous chunks handled by separate programs: ``_ce_stats_kernel`` writes each
+chunk's partials, and ``_ce_fwd_kernel`` merges a row's partials before computing the loss and its
+chunk of gradient.
 """
 
 from __future__ import annotations
@@ -41,6 +50,24 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Running maxima start at the most negative finite float32 rather than -inf, so that a lane which
 # has only seen -inf logits (masked vocabulary entries) rescales by exp(0) instead of exp(nan).
 _MIN_F32 = tl.constexpr(-3.4028234663852886e38)
+_MAX_I32 = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf/inf for large |u|.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """z = logit_scale * x, then softcap * tanh(z / softcap); float32 in, float32 out."""
+    z = x
+    if HAS_SCALE:
+        z = z * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
 
 
 @triton.jit
@@ -49,32 +76,44 @@ def _row_chunk_stats(
     weight_ptr,
     col_start,
     col_end,  # exclusive; col_end <= col_start means an empty chunk
+    logit_scale,
+    softcap,
     BLOCK_SIZE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_ARGMAX: tl.constexpr,
 ):
-    """Online (max, sum exp(x - max), sum w*x) over columns [col_start, col_end) of one row."""
+    """Online (max, sum exp(z - max), sum w*z, first argmax) over columns [col_start, col_end)."""
     cols = tl.arange(0, BLOCK_SIZE)
     m_vec = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
     d_vec = tl.zeros([BLOCK_SIZE], tl.float32)
-    sx_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+    sz_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+    i_vec = tl.full([BLOCK_SIZE], _MAX_I32, tl.int32)
     for start in range(col_start, col_end, BLOCK_SIZE):
         offs = start + cols
         mask = offs < col_end
-        x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m_vec, x)
-        d_vec = d_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        z = tl.where(mask, z, -float("inf"))
+        m_new = tl.maximum(m_vec, z)
+        d_vec = d_vec * tl.exp(m_vec - m_new) + tl.exp(z - m_new)
+        if COMPUTE_ARGMAX:
+            # Columns grow along a lane, so a strict > keeps each lane's first maximum.
+            i_vec = tl.where(z > m_vec, offs.to(tl.int32), i_vec)
         m_vec = m_new
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-                sx_vec += tl.where(mask, w * x, 0.0)
+                sz_vec += tl.where(mask, w * z, 0.0)
             else:
-                sx_vec += tl.where(mask, x, 0.0)
+                sz_vec += tl.where(mask, z, 0.0)
     m = tl.max(m_vec, axis=0)
     d = tl.sum(d_vec * tl.exp(m_vec - m), axis=0)
-    sx = tl.sum(sx_vec, axis=0)
-    return m, d, sx
+    sz = tl.sum(sz_vec, axis=0)
+    idx = tl.min(tl.where(m_vec == m, i_vec, _MAX_I32), axis=0)
+    return m, d, sz, idx
 
 
 @triton.jit
@@ -82,16 +121,22 @@ def _ce_stats_kernel(
     logits_ptr,
     target_ptr,
     weight_ptr,
-    partial_ptr,  # (3, n_rows, n_splits) fp32: chunk max, chunk sum of exp(x - max), chunk sum w*x
+    partial_ptr,  # (3, n_rows, n_splits) fp32: chunk max, chunk sum of exp(z - max), sum w*z
+    partial_idx_ptr,  # (n_rows, n_splits) int32: chunk's first argmax, when COMPUTE_ARGMAX
     stride_logits_row,
     n_rows,
     n_cols,
     cols_per_split,  # a multiple of BLOCK_SIZE
     n_splits,
     ignore_index,
+    logit_scale,
+    softcap,
     BLOCK_SIZE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_ARGMAX: tl.constexpr,
 ):
     """Phase 1 of the split-vocabulary path: one program per (row, vocabulary chunk)."""
     row = tl.program_id(0).to(tl.int64)
@@ -99,22 +144,29 @@ def _ce_stats_kernel(
     target = tl.load(target_ptr + row).to(tl.int64)
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
-    # Ignored rows read nothing: an empty chunk leaves (m, d, sx) = (min, 0, 0).
+    # Ignored rows read nothing: an empty chunk leaves (m, d, sz) = (min, 0, 0).
     col_end = tl.where(target == ignore_index, col_start, col_end)
-    m, d, sx = _row_chunk_stats(
+    m, d, sz, idx = _row_chunk_stats(
         logits_ptr + row * stride_logits_row,
         weight_ptr,
         col_start,
         col_end,
+        logit_scale,
+        softcap,
         BLOCK_SIZE=BLOCK_SIZE,
         HAS_WEIGHT=HAS_WEIGHT,
         HAS_SMOOTHING=HAS_SMOOTHING,
+        HAS_SCALE=HAS_SCALE,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        COMPUTE_ARGMAX=COMPUTE_ARGMAX,
     )
-    out = partial_ptr + row * n_splits + split
+    out = row * n_splits + split
     plane = n_rows * n_splits
-    tl.store(out, m)
-    tl.store(out + plane, d)
-    tl.store(out + 2 * plane, sx)
+    tl.store(partial_ptr + out, m)
+    tl.store(partial_ptr + plane + out, d)
+    tl.store(partial_ptr + 2 * plane + out, sz)
+    if COMPUTE_ARGMAX:
+        tl.store(partial_idx_ptr + out, idx)
 
 
 @triton.jit
@@ -125,8 +177,11 @@ def _ce_fwd_kernel(
     weight_sum_ptr,  # (1,) fp32 sum of the class weights, read only when HAS_WEIGHT
     scale_ptr,  # (1,) fp32 gradient scale, read only when COMPUTE_GRAD
     partial_ptr,  # (3, n_rows, n_splits) fp32 from _ce_stats_kernel, read only when SPLIT
-    loss_ptr,  # (n_rows,) fp32
+    partial_idx_ptr,  # (n_rows, n_splits) int32 from _ce_stats_kernel (SPLIT and COMPUTE_ARGMAX)
+    loss_ptr,  # (n_rows,) fp32, z-loss included
     lse_ptr,  # (n_rows,) fp32; 0 for ignored rows
+    z_loss_ptr,  # (n_rows,) fp32 lam * w_t * lse^2, written when HAS_ZLOSS
+    correct_ptr,  # (n_rows,) fp32 1.0 where the first argmax is the target, when COMPUTE_ARGMAX
     grad_ptr,  # gradient of the logits, in their dtype, written only when COMPUTE_GRAD
     stride_logits_row,
     stride_grad_row,
@@ -136,14 +191,21 @@ def _ce_fwd_kernel(
     n_splits,
     ignore_index,
     label_smoothing,
+    logit_scale,
+    softcap,
+    lse_square_scale,
     BLOCK_SIZE: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= n_splits
     SPLIT: tl.constexpr,  # n_splits > 1: merge the partials of _ce_stats_kernel
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    COMPUTE_ARGMAX: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
 ):
-    """Loss, log-sum-exp and gradient: one program per (row, vocabulary chunk)."""
+    """Loss, log-sum-exp, extras and gradient: one program per (row, vocabulary chunk)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
@@ -153,27 +215,36 @@ def _ce_fwd_kernel(
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
 
-    # 1. The row's log-sum-exp (and sum w*x for smoothing).
+    # 1. The row's log-sum-exp (and sum w*z for smoothing, first argmax for accuracy).
     if SPLIT:
         # Merge the chunks' partials in a fixed order, so results are bitwise reproducible.
         s = tl.arange(0, SPLIT_BLOCK)
         smask = s < n_splits
-        part = partial_ptr + row * n_splits + s
+        part = row * n_splits + s
         plane = n_rows * n_splits
-        m_part = tl.load(part, mask=smask, other=_MIN_F32)
-        d_part = tl.load(part + plane, mask=smask, other=0.0)
+        m_part = tl.load(partial_ptr + part, mask=smask, other=_MIN_F32)
+        d_part = tl.load(partial_ptr + plane + part, mask=smask, other=0.0)
         m = tl.max(m_part, axis=0)
         d = tl.sum(d_part * tl.exp(m_part - m), axis=0)
-        sx = tl.sum(tl.load(part + 2 * plane, mask=smask, other=0.0), axis=0)
+        sz = tl.sum(tl.load(partial_ptr + 2 * plane + part, mask=smask, other=0.0), axis=0)
+        idx = _MAX_I32
+        if COMPUTE_ARGMAX:
+            i_part = tl.load(partial_idx_ptr + part, mask=smask, other=_MAX_I32)
+            idx = tl.min(tl.where(m_part == m, i_part, _MAX_I32), axis=0)
     else:
-        m, d, sx = _row_chunk_stats(
+        m, d, sz, idx = _row_chunk_stats(
             row_ptr,
             weight_ptr,
             0,
             tl.where(ignored, 0, n_cols),
+            logit_scale,
+            softcap,
             BLOCK_SIZE=BLOCK_SIZE,
             HAS_WEIGHT=HAS_WEIGHT,
             HAS_SMOOTHING=HAS_SMOOTHING,
+            HAS_SCALE=HAS_SCALE,
+            HAS_SOFTCAP=HAS_SOFTCAP,
+            COMPUTE_ARGMAX=COMPUTE_ARGMAX,
         )
     lse = m + tl.log(d)
 
@@ -181,46 +252,63 @@ def _ce_fwd_kernel(
     safe_target = tl.where(valid, target, 0)
     read_t = valid & (target != ignore_index)
     x_t = tl.load(row_ptr + safe_target, mask=read_t, other=0.0).to(tl.float32)
-    x_t = tl.where(valid, x_t, float("nan"))
+    z_t = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    z_t = tl.where(valid, z_t, float("nan"))
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + safe_target, mask=read_t, other=0.0)
         w_sum = tl.load(weight_sum_ptr)
     else:
         w_t = 1.0
         w_sum = n_cols * 1.0
-    loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+    loss = (1.0 - label_smoothing) * w_t * (lse - z_t)
     if HAS_SMOOTHING:
-        loss += label_smoothing / n_cols * (w_sum * lse - sx)
+        loss += label_smoothing / n_cols * (w_sum * lse - sz)
+    if HAS_ZLOSS:
+        z_loss = tl.where(ignored, 0.0, lse_square_scale * w_t * lse * lse)
+        loss += z_loss
     loss = tl.where(ignored, 0.0, loss)
     if split == 0:
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+        if HAS_ZLOSS:
+            tl.store(z_loss_ptr + row, z_loss)
+        if COMPUTE_ARGMAX:
+            tl.store(correct_ptr + row, tl.where(read_t & (idx == target), 1.0, 0.0))
 
     # 3. The gradient of this program's chunk:
-    #    g_c = scale * (a * p_c - b * [c == t] - s * w_c), zero for an ignored row.
+    #    g_c = scale * (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c, zero for an ignored row.
     if COMPUTE_GRAD:
         scale = tl.load(scale_ptr)
         scale = tl.where(ignored, 0.0, scale)
         scale = tl.where(valid | ignored, scale, float("nan"))
         b = scale * (1.0 - label_smoothing) * w_t
         s = scale * label_smoothing / n_cols
-        a = b + s * w_sum
-        # An ignored row uses lse = 0 with every load masked off: p = exp(-inf) = 0, so g = 0
-        # is written without reading the logits.
+        # An ignored row uses lse = 0 (its lse is -inf) with every load masked off: p = 0 and
+        # g = 0 are written without reading the logits.
         lse_g = tl.where(ignored, 0.0, lse)
+        a = b + s * w_sum
+        if HAS_ZLOSS:
+            a += scale * 2.0 * lse_square_scale * w_t * lse_g
         read_end = tl.where(ignored, col_start, col_end)
         cols = tl.arange(0, BLOCK_SIZE)
         grad_row_ptr = grad_ptr + row * stride_grad_row
         for start in range(col_start, col_end, BLOCK_SIZE):
             offs = start + cols
             mask = offs < col_end
-            x = tl.load(row_ptr + offs, mask=offs < read_end, other=-float("inf")).to(tl.float32)
-            g = a * tl.exp(x - lse_g) - tl.where(offs == target, b, 0.0)
+            x = tl.load(row_ptr + offs, mask=offs < read_end, other=0.0).to(tl.float32)
+            z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            p = tl.where(offs < read_end, tl.exp(z - lse_g), 0.0)
+            g = a * p - tl.where(offs == target, b, 0.0)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     g -= s * tl.load(weight_ptr + offs, mask=mask, other=0.0)
                 else:
                     g -= s
+            if HAS_SOFTCAP:
+                th = z / softcap  # tanh(logit_scale * x / softcap)
+                g = g * (1.0 - th * th)
+            if HAS_SCALE:
+                g = g * logit_scale
             tl.store(grad_row_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -296,6 +384,15 @@ def launch_config(
     return LaunchConfig(block_size, num_warps, n_splits, cols_per_split)
 
 
+class RowOutputs(NamedTuple):
+    """Per-row float32 results of ``ce_fwd`` (0 for ignored rows)."""
+
+    loss: torch.Tensor  # (N,) loss, z-loss included, already multiplied by the target's weight
+    lse: torch.Tensor  # (N,) log-sum-exp of the transformed logits
+    z_loss: torch.Tensor | None  # (N,) lse_square_scale * w_t * lse**2, when lse_square_scale > 0
+    correct: torch.Tensor | None  # (N,) 1.0 where the first argmax is the target, when asked
+
+
 def ce_fwd(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -306,10 +403,14 @@ def ce_fwd(
     label_smoothing: float,
     grad: torch.Tensor | None,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
+    compute_accuracy: bool = False,
     block_size: int | None = None,
     n_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy, and the gradient of the logits in the same launch.
+) -> RowOutputs:
+    """Per-row cross-entropy, its extras, and the gradient of the logits in the same launch.
 
     Args:
         logits: (N, C) float32/bfloat16/float16, last dimension contiguous (any row stride).
@@ -322,55 +423,74 @@ def ce_fwd(
         ignore_index: target value whose rows count for nothing.
         label_smoothing: in [0, 1].
         grad: (N, C) tensor of the logits' dtype with a contiguous last dimension to write the
-            scaled gradient into (it may be ``logits`` itself), or None for the loss only, which
+            scaled gradient into (it may alias ``logits``), or None for the loss only, which
             reads the logits once and writes nothing logits-sized.
+        logit_scale: the logits are multiplied by it first (positive).
+        softcap: then capped to ``softcap * tanh(z / softcap)`` (positive), or None.
+        lse_square_scale: z-loss coefficient (``lse_square_scale * lse**2`` added per row).
+        compute_accuracy: also report whether each row's first argmax is its target.
         block_size, n_splits: override ``launch_config``'s choice.
-
-    Returns:
-        (loss, lse): (N,) float32 per-row loss (0 for ignored rows, already multiplied by the
-        target's weight) and (N,) float32 log-sum-exp (0 for ignored rows).
     """
     n_rows, n_cols = logits.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    device = logits.device
+    has_zloss = lse_square_scale != 0.0
+    out = RowOutputs(
+        torch.empty(n_rows, dtype=torch.float32, device=device),
+        torch.empty(n_rows, dtype=torch.float32, device=device),
+        torch.empty(n_rows, dtype=torch.float32, device=device) if has_zloss else None,
+        torch.empty(n_rows, dtype=torch.float32, device=device) if compute_accuracy else None,
+    )
     if n_rows == 0:
-        return loss, lse
-    cfg = launch_config(n_rows, n_cols, logits.device, block_size=block_size, n_splits=n_splits)
-    has_weight = weight is not None
-    has_smoothing = label_smoothing > 0.0
+        return out
+    cfg = launch_config(n_rows, n_cols, device, block_size=block_size, n_splits=n_splits)
+    flags = dict(
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SCALE=logit_scale != 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_ARGMAX=compute_accuracy,
+    )
+    softcap_value = float(softcap) if softcap is not None else 1.0
     compute_grad = grad is not None
     split = cfg.n_splits > 1
     grid = (n_rows, cfg.n_splits)
     # Unused pointer arguments get a real tensor so that every argument has a valid address.
-    dummy = loss
-    partial = dummy
+    dummy = out.loss
+    partial = partial_idx = dummy
     if split:
-        partial = torch.empty(3 * n_rows * cfg.n_splits, dtype=torch.float32, device=logits.device)
+        partial = torch.empty(3 * n_rows * cfg.n_splits, dtype=torch.float32, device=device)
+        if compute_accuracy:
+            partial_idx = torch.empty(n_rows * cfg.n_splits, dtype=torch.int32, device=device)
         _ce_stats_kernel[grid](
             logits_ptr=logits,
             target_ptr=target,
-            weight_ptr=weight if has_weight else dummy,
+            weight_ptr=weight if weight is not None else dummy,
             partial_ptr=partial,
+            partial_idx_ptr=partial_idx,
             stride_logits_row=logits.stride(0),
             n_rows=n_rows,
             n_cols=n_cols,
             cols_per_split=cfg.cols_per_split,
             n_splits=cfg.n_splits,
             ignore_index=ignore_index,
+            logit_scale=float(logit_scale),
+            softcap=softcap_value,
             BLOCK_SIZE=cfg.block_size,
-            HAS_WEIGHT=has_weight,
-            HAS_SMOOTHING=has_smoothing,
             num_warps=cfg.num_warps,
+            **flags,
         )
     _ce_fwd_kernel[grid](
         logits_ptr=logits,
         target_ptr=target,
-        weight_ptr=weight if has_weight else dummy,
-        weight_sum_ptr=weight_sum if has_weight else dummy,
+        weight_ptr=weight if weight is not None else dummy,
+        weight_sum_ptr=weight_sum if weight is not None else dummy,
         scale_ptr=scale if compute_grad else dummy,
         partial_ptr=partial,
-        loss_ptr=loss,
-        lse_ptr=lse,
+        partial_idx_ptr=partial_idx,
+        loss_ptr=out.loss,
+        lse_ptr=out.lse,
+        z_loss_ptr=out.z_loss if has_zloss else dummy,
+        correct_ptr=out.correct if compute_accuracy else dummy,
         grad_ptr=grad if compute_grad else logits,
         stride_logits_row=logits.stride(0),
         stride_grad_row=grad.stride(0) if compute_grad else 0,
@@ -380,15 +500,18 @@ def ce_fwd(
         n_splits=cfg.n_splits,
         ignore_index=ignore_index,
         label_smoothing=float(label_smoothing),
+        logit_scale=float(logit_scale),
+        softcap=softcap_value,
+        lse_square_scale=float(lse_square_scale),
         BLOCK_SIZE=cfg.block_size,
         SPLIT_BLOCK=triton.next_power_of_2(cfg.n_splits),
         SPLIT=split,
-        HAS_WEIGHT=has_weight,
-        HAS_SMOOTHING=has_smoothing,
+        HAS_ZLOSS=has_zloss,
         COMPUTE_GRAD=compute_grad,
         num_warps=cfg.num_warps,
+        **flags,
     )
-    return loss, lse
+    return out
 
 
 def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | None = None) -> None:
@@ -419,4 +542,4 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
     )
 
 
-__all__ = ["INTERPRETED", "LaunchConfig", "launch_config", "ce_fwd", "ce_bwd"]
+__all__ = ["INTERPRETED", "LaunchConfig", "RowOutputs", "launch_config", "ce_fwd", "ce_bwd"]

@@ -88,7 +88,7 @@ def test_kernel_paths(shape, dtype, reduction, device, poison):
     weight = torch.rand(n_cols, device=device) + 0.5
     loss = CrossEntropyFunction.apply(
         logits, target, weight, -100, reduction, 0.2, "triton", False, block_size, n_splits
-    )
+    )[0]
     # A non-unit grad_output exercises the backward's scaling kernel.
     grad_output = torch.randn(n_rows, device=device) if reduction == "none" else torch.tensor(
         0.7, device=device
@@ -198,7 +198,7 @@ def test_deterministic(impl, device):
         loss = CrossEntropyFunction.apply(
             logits, target, None, -100, "sum", 0.1, impl, False, 512 if impl == "triton" else None,
             4 if impl == "triton" else None,
-        )
+        )[0]
         loss.backward()
         results.append((loss.detach().clone(), logits.grad.clone()))
         logits.grad = None
