@@ -6,9 +6,16 @@ semantics (``fusedce.reference``) everywhere else.
 """
 
 from .autograd import CrossEntropyFunction
-from .functional import cross_entropy, resolve_impl
+from .functional import CrossEntropyStats, cross_entropy, resolve_impl
 from .module import CrossEntropyLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossEntropyFunction", "CrossEntropyLoss", "cross_entropy", "resolve_impl", "__version__"]
+__all__ = [
+    "CrossEntropyFunction",
+    "CrossEntropyLoss",
+    "CrossEntropyStats",
+    "cross_entropy",
+    "resolve_impl",
+    "__version__",
+]

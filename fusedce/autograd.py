@@ -212,6 +212,7 @@ def cross_entropy_forward(
     lse_square_scale: float = 0.0,
     num_items_in_batch: Tensor | int | None = None,
     compute_accuracy: bool = False,
+    out_dtype: torch.dtype | None = None,
     block_size: int | None = None,
     n_splits: int | None = None,
 ) -> tuple[CrossEntropyOutputs, Tensor | None]:
@@ -222,6 +223,7 @@ def cross_entropy_forward(
         target: (N,) contiguous integer class indices.
         weight: (C,) float32 contiguous class weights, or None.
         inplace: write the gradient into ``input`` (returned as the gradient).
+        out_dtype: dtype of the returned loss (default: the input's).
     """
     scale = reduction_scale(target, weight, ignore_index, reduction, input.shape[1],
                             num_items_in_batch)
@@ -236,7 +238,7 @@ def cross_entropy_forward(
         *row_list, grad_out = _ce_forward_op(input, *args, compute_grad, block_size, n_splits)
         rows = RowResults(*row_list)
         grad = grad_out if compute_grad else None
-    loss = _reduce(rows.loss, reduction, scale).to(input.dtype)
+    loss = _reduce(rows.loss, reduction, scale).to(out_dtype or input.dtype)
     z_loss = _reduce(rows.z_loss, reduction, scale) if lse_square_scale != 0.0 else rows.z_loss
     accuracy = rows.correct
     if compute_accuracy:
@@ -266,6 +268,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             lse_square_scale,  # float >= 0: z-loss coefficient (default 0.0)
             num_items_in_batch,  # int | Tensor | None: the mean's denominator (default None)
             compute_accuracy,  # bool (default False)
+            out_dtype,         # torch.dtype | None: the loss's dtype (default: the input's)
         )
 
     and get ``(loss, lse, z_loss, accuracy)`` (see ``CrossEntropyOutputs``); only ``loss`` is
@@ -299,13 +302,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         lse_square_scale: float = 0.0,
         num_items_in_batch: Tensor | int | None = None,
         compute_accuracy: bool = False,
+        out_dtype: torch.dtype | None = None,
     ):
         outputs, grad = cross_entropy_forward(
             input, target, weight, ignore_index, reduction, label_smoothing, impl,
             compute_grad=ctx.needs_input_grad[0], inplace=inplace_backward,
             logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale,
             num_items_in_batch=num_items_in_batch, compute_accuracy=compute_accuracy,
-            block_size=block_size, n_splits=n_splits,
+            out_dtype=out_dtype, block_size=block_size, n_splits=n_splits,
         )
         ctx.mark_non_differentiable(*outputs[1:])
         if grad is not None:
@@ -334,4 +338,4 @@ class CrossEntropyFunction(torch.autograd.Function):
             # A fresh alias of the storage: autograd can keep it as the gradient, where the
             # saved tensor object itself (the input, for an in-place pass) would be copied.
             grad = grad.detach()
-        return (grad,) + (None,) * 14
+        return (grad,) + (None,) * 15

@@ -135,6 +135,7 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     num_items_in_batch: int | Tensor | None = None,
     return_stats: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
 
@@ -171,6 +172,8 @@ def cross_entropy(
             A tensor stays on its device (no host synchronisation).
         return_stats: also return a ``CrossEntropyStats`` (log-sum-exp, z-loss, token
             accuracy), computed in the same pass over the logits.
+        out_dtype: dtype of the returned loss, e.g. ``torch.float32`` for bf16 logits (the loss
+            is always computed in float32; the default returns the input's dtype, as PyTorch).
 
     Returns:
         The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
@@ -181,16 +184,17 @@ def cross_entropy(
     ignored get an exactly zero gradient even when their logits are not finite.
     """
     _check_common(input, weight, reduction, label_smoothing)
-    _check_extras(reduction, logit_scale, softcap, lse_square_scale, num_items_in_batch)
+    _check_extras(reduction, logit_scale, softcap, lse_square_scale, num_items_in_batch,
+                  out_dtype)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     extras_used = (logit_scale != 1.0 or softcap is not None or lse_square_scale != 0.0
-                   or num_items_in_batch is not None or return_stats)
+                   or num_items_in_batch is not None or return_stats or out_dtype is not None)
     if target.is_floating_point() and target.shape == input.shape:
         if extras_used:
             raise ValueError(
-                "logit_scale, softcap, lse_square_scale, num_items_in_batch and return_stats "
-                "need class-index targets; got class probabilities"
+                "logit_scale, softcap, lse_square_scale, num_items_in_batch, return_stats and "
+                "out_dtype need class-index targets; got class probabilities"
             )
         # Class probabilities: PyTorch's own implementation, with PyTorch's semantics.
         if weight is not None:
@@ -221,7 +225,7 @@ def cross_entropy(
         weight = weight.to(torch.float32).contiguous()
 
     extras = (float(logit_scale), None if softcap is None else float(softcap),
-              float(lse_square_scale), num_items_in_batch, bool(return_stats))
+              float(lse_square_scale), num_items_in_batch, bool(return_stats), out_dtype)
     if torch.is_grad_enabled() and input.requires_grad:
         loss, lse, z_loss, accuracy = CrossEntropyFunction.apply(
             logits, flat_target, weight, ignore_index, reduction, float(label_smoothing), chosen,
@@ -231,7 +235,7 @@ def cross_entropy(
         (loss, lse, z_loss, accuracy), _ = cross_entropy_forward(
             logits, flat_target, weight, ignore_index, reduction, float(label_smoothing), chosen,
             logit_scale=extras[0], softcap=extras[1], lse_square_scale=extras[2],
-            num_items_in_batch=extras[3], compute_accuracy=extras[4],
+            num_items_in_batch=extras[3], compute_accuracy=extras[4], out_dtype=out_dtype,
         )
     if reduction == "none":
         loss = loss.reshape(out_shape)
@@ -250,7 +254,11 @@ def _check_extras(
     softcap: float | None,
     lse_square_scale: float,
     num_items_in_batch: int | Tensor | None,
+    out_dtype: torch.dtype | None,
 ) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
+                                      and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating-point torch.dtype, got {out_dtype!r}")
     if not isinstance(logit_scale, (int, float)) or not (
         math.isfinite(logit_scale) and logit_scale > 0
     ):

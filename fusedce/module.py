@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
-from .functional import ImplChoice, cross_entropy
+from .functional import CrossEntropyStats, ImplChoice, cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):
@@ -15,9 +16,12 @@ class CrossEntropyLoss(nn.Module):
     Args:
         weight: (C,) class weights, kept as a buffer (so ``.to()`` and ``state_dict`` carry it).
         ignore_index, reduction, label_smoothing: as in ``torch.nn.CrossEntropyLoss``.
-        impl, inplace_backward: as in ``fusedce.cross_entropy``.
+        impl, inplace_backward, logit_scale, softcap, lse_square_scale, return_stats,
+        out_dtype: as in ``fusedce.cross_entropy``.
 
     Shape: ``input`` (N, C), (C,) or (N, C, d1, ...); ``target`` (N,), () or (N, d1, ...).
+    ``forward(input, target, num_items_in_batch=None)`` takes the gradient-accumulation
+    denominator per call, since it changes with every batch.
     """
 
     def __init__(
@@ -29,6 +33,11 @@ class CrossEntropyLoss(nn.Module):
         *,
         impl: ImplChoice = "auto",
         inplace_backward: bool = False,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        lse_square_scale: float = 0.0,
+        return_stats: bool = False,
+        out_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -38,8 +47,15 @@ class CrossEntropyLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.impl = impl
         self.inplace_backward = inplace_backward
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.lse_square_scale = lse_square_scale
+        self.return_stats = return_stats
+        self.out_dtype = out_dtype
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None
+    ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
         return cross_entropy(
             input,
             target,
@@ -49,6 +65,12 @@ class CrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing,
             impl=self.impl,
             inplace_backward=self.inplace_backward,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            lse_square_scale=self.lse_square_scale,
+            num_items_in_batch=num_items_in_batch,
+            return_stats=self.return_stats,
+            out_dtype=self.out_dtype,
         )
 
     def extra_repr(self) -> str:
@@ -56,6 +78,10 @@ class CrossEntropyLoss(nn.Module):
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, impl={self.impl!r}, "
             f"inplace_backward={self.inplace_backward}"
+            + "".join(f", {k}={getattr(self, k)!r}" for k, default in
+                      (("logit_scale", 1.0), ("softcap", None), ("lse_square_scale", 0.0),
+                       ("return_stats", False), ("out_dtype", None))
+                      if getattr(self, k) != default)
         )
 
 

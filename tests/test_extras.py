@@ -150,3 +150,17 @@ def test_extra_argument_errors(kwargs, error, message):
     logits, target = torch.randn(3, 7), torch.tensor([0, 1, 2])
     with pytest.raises(error, match=message):
         fusedce.cross_entropy(logits, target, **kwargs)
+
+
+def test_module_takes_the_extras(device):
+    module = fusedce.CrossEntropyLoss(softcap=10.0, lse_square_scale=1e-3, return_stats=True,
+                                      out_dtype=torch.float32, impl="triton")
+    assert "softcap=10.0" in repr(module)
+    logits = make_logits(6, 90, torch.bfloat16, device)
+    target = make_targets(6, 90, device)
+    loss, stats = module(logits, target, num_items_in_batch=9)
+    expected, expected_stats = fusedce.cross_entropy(
+        logits, target, softcap=10.0, lse_square_scale=1e-3, return_stats=True,
+        out_dtype=torch.float32, num_items_in_batch=9, impl="triton")
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, expected) and torch.equal(stats.lse, expected_stats.lse)

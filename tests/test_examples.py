@@ -1,0 +1,23 @@
+"""The example scripts run and do what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_finetune_tiny_lm(capsys):
+    spec = importlib.util.spec_from_file_location("finetune", EXAMPLES / "finetune_tiny_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--steps", "4"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(rows) == 4
+    for _, ours, theirs in rows:
+        assert abs(float(ours) - float(theirs)) <= 1e-3 * float(theirs)

@@ -1,0 +1,204 @@
+"""fusedce as the loss of a transformers causal LM: same losses and gradients as transformers'
+own loss, over training steps, with padding, and with gradient accumulation through Trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fusedce.integrations import transformers as fce_hf  # noqa: E402
+from fusedce.testing import rel_err  # noqa: E402
+
+VOCAB = 211
+
+
+def _tiny_model(seed: int = 0):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+def _batch(batch: int = 3, seq: int = 12, pad_left: bool = False):
+    input_ids = torch.randint(0, VOCAB, (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    lengths = [seq, seq - 4, seq - 7][:batch]
+    for row, n in enumerate(lengths):
+        if pad_left:
+            attention_mask[row, : seq - n] = 0
+        else:
+            attention_mask[row, n:] = 0
+    input_ids[attention_mask == 0] = 0
+    return input_ids, attention_mask
+
+
+@pytest.fixture(autouse=True)
+def _clean_patch():
+    yield
+    fce_hf.revert()
+
+
+def test_causal_lm_loss_matches_transformers():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = torch.randn(2, 9, VOCAB, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (2, 9))
+    labels[1, 5:] = -100
+    for num_items in (None, torch.tensor(11)):
+        ours = fce_hf.causal_lm_loss(logits, labels, VOCAB, num_items_in_batch=num_items)
+        (g_ours,) = torch.autograd.grad(ours, logits)
+        ref = ForCausalLMLoss(logits, labels, VOCAB, num_items_in_batch=num_items)
+        (g_ref,) = torch.autograd.grad(ref, logits)
+        assert ours.dtype == torch.float32
+        assert rel_err(ours, ref) <= 1e-5
+        assert rel_err(g_ours, g_ref) <= 1e-2
+
+
+def test_no_float32_copy_of_the_logits():
+    """bf16 logits are never upcast whole (transformers' loss upcasts them all): the PyTorch
+    implementation converts one cache-sized chunk at a time."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = torch.randn(8, 2000, VOCAB, dtype=torch.bfloat16)  # several chunks
+    labels = torch.randint(0, VOCAB, (8, 2000))
+    converted = []
+    real = torch.Tensor.float
+
+    def spy(self, *a, **k):
+        converted.append(self.numel())
+        return real(self, *a, **k)
+
+    torch.Tensor.float = spy
+    try:
+        fce_hf.causal_lm_loss(logits, labels, VOCAB)
+        ours = max(converted)
+        converted.clear()
+        ForCausalLMLoss(logits, labels, VOCAB)
+        theirs = max(converted)
+    finally:
+        torch.Tensor.float = real
+    assert theirs == logits.numel()
+    assert ours < logits.numel() // 2
+
+
+@pytest.mark.parametrize("per_model", [True, False])
+def test_training_steps_match_transformers(per_model):
+    """Several optimizer steps with padding: the same losses and parameter gradients."""
+    ref_model = _tiny_model()
+    model = copy.deepcopy(ref_model)
+    if per_model:
+        fce_hf.apply(model)
+        assert fce_hf.is_applied(model) and not fce_hf.is_applied(ref_model)
+    else:
+        fce_hf.apply()
+        assert fce_hf.is_applied()
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        input_ids, attention_mask = _batch(pad_left=step % 2 == 1)
+        labels = fce_hf.build_labels(input_ids, attention_mask)
+        if not per_model:
+            fce_hf.revert()
+        ref_out = ref_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        if not per_model:
+            fce_hf.apply()
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        ref_out.loss.backward()
+        out.loss.backward()
+        assert rel_err(out.loss, ref_out.loss) <= 1e-5
+        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+            assert rel_err(p.grad, p_ref.grad) <= 1e-4, name
+        ref_opt.step()
+        opt.step()
+        ref_opt.zero_grad()
+        opt.zero_grad()
+    fce_hf.revert(model)
+    fce_hf.revert()
+    assert not fce_hf.is_applied(model) and not fce_hf.is_applied()
+
+
+def test_revert_restores_transformers_loss():
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    fce_hf.apply()
+    fce_hf.apply()  # twice is harmless
+    assert LOSS_MAPPING["ForCausalLM"] is fce_hf.causal_lm_loss
+    fce_hf.revert()
+    assert LOSS_MAPPING["ForCausalLM"] is ForCausalLMLoss
+    assert torch.nn.functional.cross_entropy.__module__ == "torch.nn.functional"
+
+
+def test_build_labels():
+    input_ids = torch.tensor([[5, 6, 7, 8, 0, 0], [0, 0, 9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    labels = fce_hf.build_labels(input_ids, mask)
+    assert labels.tolist() == [[5, 6, 7, 8, -100, -100], [-100, -100, 9, 10, 11, 12]]
+    completion = fce_hf.build_labels(input_ids, mask, prompt_lengths=[2, 3])
+    assert completion.tolist() == [[-100, -100, 7, 8, -100, -100],
+                                   [-100, -100, -100, -100, -100, 12]]
+    with pytest.raises(ValueError, match="does not match"):
+        fce_hf.build_labels(input_ids, mask[:, :3])
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 8, seq: int = 10, seed: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            ids = torch.randint(1, VOCAB, (seq,), generator=g)
+            mask = torch.ones(seq, dtype=torch.long)
+            mask[seq - (i % 4) * 2:] = 0  # rows of different real lengths
+            ids[mask == 0] = 0
+            self.items.append({"input_ids": ids, "attention_mask": mask,
+                               "labels": fce_hf.build_labels(ids[None], mask[None])[0]})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _train(tmp_path, use_fusedce: bool):
+    model = _tiny_model(seed=1)
+    calls = []
+    if use_fusedce:
+        fce_hf.apply(model)
+
+        def counted(*args, **kwargs):
+            calls.append(kwargs.get("num_items_in_batch"))
+            return fce_hf.causal_lm_loss(*args, **kwargs)
+
+        model.loss_function = counted
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / ("fce" if use_fusedce else "ref")),
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+        learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+        lr_scheduler_type="constant", disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if use_fusedce:
+        # Two micro-batches per step, each told the step's total number of counted tokens.
+        assert len(calls) == 6 and all(n is not None for n in calls)
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_trainer_gradient_accumulation(tmp_path):
+    """Trainer passes num_items_in_batch; fusedce must give the same losses and weights."""
+    ref_losses, ref_params = _train(tmp_path, use_fusedce=False)
+    losses, params = _train(tmp_path, use_fusedce=True)
+    assert len(losses) == len(ref_losses) == 3
+    for ours, ref in zip(losses, ref_losses):
+        assert ours == pytest.approx(ref, rel=1e-4)
+    for p, p_ref in zip(params, ref_params):
+        assert rel_err(p, p_ref) <= 1e-4
