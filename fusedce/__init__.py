@@ -6,8 +6,9 @@ semantics (``fusedce.reference``) everywhere else.
 """
 
 from .autograd import CrossEntropyFunction
-from .functional import CrossEntropyStats, cross_entropy, resolve_impl
-from .module import CrossEntropyLoss
+from .functional import CrossEntropyStats, cross_entropy, linear_cross_entropy, resolve_impl
+from .linear import LinearCrossEntropyFunction
+from .module import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
@@ -15,7 +16,10 @@ __all__ = [
     "CrossEntropyFunction",
     "CrossEntropyLoss",
     "CrossEntropyStats",
+    "LinearCrossEntropyFunction",
+    "LinearCrossEntropyLoss",
     "cross_entropy",
+    "linear_cross_entropy",
     "resolve_impl",
     "__version__",
 ]

@@ -238,13 +238,29 @@ def cross_entropy_forward(
         *row_list, grad_out = _ce_forward_op(input, *args, compute_grad, block_size, n_splits)
         rows = RowResults(*row_list)
         grad = grad_out if compute_grad else None
-    loss = _reduce(rows.loss, reduction, scale).to(out_dtype or input.dtype)
-    z_loss = _reduce(rows.z_loss, reduction, scale) if lse_square_scale != 0.0 else rows.z_loss
+    outputs = finish(rows, target, ignore_index, reduction, scale, out_dtype or input.dtype,
+                     lse_square_scale != 0.0, compute_accuracy)
+    return outputs, grad
+
+
+def finish(
+    rows: RowResults,
+    target: Tensor,
+    ignore_index: int,
+    reduction: Reduction,
+    scale: Tensor,
+    out_dtype: torch.dtype,
+    has_z_loss: bool,
+    has_accuracy: bool,
+) -> CrossEntropyOutputs:
+    """Reduce per-row results: the loss (in ``out_dtype``), z-loss and token accuracy."""
+    loss = _reduce(rows.loss, reduction, scale).to(out_dtype)
+    z_loss = _reduce(rows.z_loss, reduction, scale) if has_z_loss else rows.z_loss
     accuracy = rows.correct
-    if compute_accuracy:
+    if has_accuracy:
         counted = (target != ignore_index).sum(dtype=torch.float32)
         accuracy = torch.where(counted > 0, rows.correct.sum() / counted.clamp_min(1.0), 0.0)
-    return CrossEntropyOutputs(loss, rows.lse, z_loss, accuracy), grad
+    return CrossEntropyOutputs(loss, rows.lse, z_loss, accuracy)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

@@ -75,13 +75,20 @@ def _check_common(
         raise TypeError(f"input must hold floating-point logits, got dtype {input.dtype}")
     if input.dim() == 0:
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _check_loss_options(n_classes, input.device, weight, reduction, label_smoothing)
+
+
+def _check_loss_options(
+    n_classes: int, device: torch.device, weight: Tensor | None, reduction: str,
+    label_smoothing: float,
+) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if weight is not None:
         if not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
@@ -92,10 +99,8 @@ def _check_common(
             )
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating-point, got dtype {weight.dtype}")
-        if weight.device != input.device:
-            raise ValueError(
-                f"weight is on {weight.device} but input is on {input.device}"
-            )
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but input is on {device}")
 
 
 def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
@@ -290,3 +295,116 @@ def _check_extras(
             )
         elif num_items_in_batch <= 0:
             raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: Literal["none", "mean", "sum"] = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
+    num_items_in_batch: int | Tensor | None = None,
+    return_stats: bool = False,
+    chunk_size: int | None = None,
+    impl: ImplChoice = "auto",
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
+
+    The same result as ``fusedce.cross_entropy(F.linear(input, linear_weight, linear_bias),
+    target, weight, ...)``, with PyTorch's ``F.linear_cross_entropy`` argument names and order.
+    Tokens are processed ``chunk_size`` rows at a time; the gradients of ``input``,
+    ``linear_weight`` (accumulated in float32 for 16-bit weights) and ``linear_bias`` are made
+    during the forward, and the backward only scales them by ``grad_output``.
+
+    Args:
+        input: (N, H) or (..., H) hidden states, float32/bfloat16/float16.
+        linear_weight: (C, H) output projection, the input's dtype.
+        target: (N,) (or the input's leading shape) integer class indices.
+        linear_bias: (C,) or None.
+        weight: (C,) class weights, or None.
+        reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale,
+        num_items_in_batch, return_stats, impl: as in ``fusedce.cross_entropy``.
+        chunk_size: rows per chunk; None picks logits about the size of ``input`` (at least
+            16 Mi elements, at most 1/8 of free GPU memory).
+
+    Returns:
+        The loss in the input's dtype (the target's shape for ``none``); with ``return_stats``,
+        ``(loss, CrossEntropyStats)``.
+    """
+    from .linear import default_chunk_size, linear_cross_entropy_outputs
+
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if input.dim() < 1 or not input.is_floating_point():
+        raise TypeError(
+            f"input must be floating-point hidden states of shape (N, H), got dtype {input.dtype}"
+            f" and shape {tuple(input.shape)}"
+        )
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"linear_weight must have shape (C, {input.shape[-1]}) for input of shape "
+            f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(
+            f"linear_weight dtype {linear_weight.dtype} differs from input dtype {input.dtype}"
+        )
+    n_classes = linear_weight.shape[0]
+    if linear_bias is not None and (
+        not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (n_classes,)
+        or linear_bias.dtype != input.dtype
+    ):
+        raise ValueError(
+            f"linear_bias must be a ({n_classes},) tensor of dtype {input.dtype}, got "
+            f"{getattr(linear_bias, 'shape', linear_bias)!r}"
+        )
+    for name, t in (("linear_weight", linear_weight), ("target", target),
+                    ("linear_bias", linear_bias), ("weight", weight)):
+        if t is not None and isinstance(t, Tensor) and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape "
+            f"{tuple(input.shape)}: expected {tuple(input.shape[:-1])}"
+        )
+    _check_loss_options(n_classes, input.device, weight, reduction, label_smoothing)
+    _check_extras(reduction, logit_scale, softcap, lse_square_scale, num_items_in_batch, None)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    chosen = resolve_impl(impl, input.device)
+
+    x = input.reshape(-1, input.shape[-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    flat_target = target.reshape(-1).contiguous()
+    if weight is not None:
+        weight = weight.to(torch.float32).contiguous()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(x.shape[0], n_classes, x.shape[1], x.element_size(),
+                                        x.device)
+    loss, lse, z_loss, accuracy = linear_cross_entropy_outputs(
+        x, linear_weight, flat_target, linear_bias, weight, ignore_index, reduction,
+        float(label_smoothing), float(logit_scale), None if softcap is None else float(softcap),
+        float(lse_square_scale), num_items_in_batch, bool(return_stats), chunk_size, chosen,
+    )
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    if not return_stats:
+        return loss
+    if lse_square_scale == 0.0:
+        z_loss = torch.zeros(loss.shape, dtype=torch.float32, device=loss.device)
+    elif reduction == "none":
+        z_loss = z_loss.reshape(target.shape)
+    return loss, CrossEntropyStats(lse.reshape(target.shape), z_loss, accuracy)

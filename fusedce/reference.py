@@ -120,7 +120,7 @@ def ce_fwd_torch(
         # 4. The gradient: scale * (a * p - b * onehot(t) - s * w) * dz/dx, zero when ignored.
         if grad is None:
             continue
-        row_scale = torch.where(ignored, 0.0, scale)
+        row_scale = torch.where(ignored, 0.0, scale if scale.numel() == 1 else scale[r0:r1])
         b = row_scale * (1.0 - eps) * w_t
         s = row_scale * (eps / n_cols)
         a = b + s * w_sum

@@ -98,6 +98,49 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def _extras_core(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                 reduction: str, label_smoothing: float, logit_scale: float,
+                 softcap: float | None, lse_square_scale: float,
+                 num_items_in_batch: float | None) -> dict[str, Tensor]:
+    """fusedce's loss in float64 from the formulas, on a float64 CPU tensor ``x`` of logits
+    (still attached to its graph)."""
+    t = target.detach().to("cpu").long()
+    n_cols = x.shape[-1]
+    w = (weight.detach().to("cpu", torch.float64) if weight is not None
+         else torch.ones(n_cols, dtype=torch.float64))
+    counted = t != ignore_index
+    t_safe = torch.where(counted, t, 0)
+    z = x * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    z_t = z.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)
+    w_t = w[t_safe]
+    eps = label_smoothing
+    rows = (1 - eps) * w_t * (lse - z_t) + eps / n_cols * ((lse.unsqueeze(-1) - z) * w).sum(-1)
+    z_rows = torch.where(counted, lse_square_scale * w_t * lse**2, 0.0)
+    rows = torch.where(counted, rows, 0.0) + z_rows
+    if reduction == "none":
+        loss, z_loss = rows, z_rows
+    elif reduction == "sum":
+        loss, z_loss = rows.sum(), z_rows.sum()
+    else:
+        denom = (float(num_items_in_batch) if num_items_in_batch is not None
+                 else float(torch.where(counted, w_t, 0.0).sum()))
+        inv = 1.0 / denom if denom else 0.0
+        loss, z_loss = rows.sum() * inv, z_rows.sum() * inv
+    n_counted = int(counted.sum())
+    hits = ((z.argmax(-1) == t) & counted).sum().double()
+    accuracy = hits / n_counted if n_counted else torch.tensor(0.0, dtype=torch.float64)
+    return {"loss": loss, "lse": torch.where(counted, lse, 0.0).detach(),
+            "z_loss": z_loss.detach(), "accuracy": accuracy}
+
+
+def _backward(loss: Tensor, inputs: list[Tensor], grad_output) -> tuple[Tensor, ...]:
+    go = torch.as_tensor(grad_output, dtype=torch.float64)
+    return torch.autograd.grad(loss, inputs, go.expand_as(loss) if go.dim() == 0 else go)
+
+
 def reference_extras(
     logits: Tensor,
     target: Tensor,
@@ -123,39 +166,37 @@ def reference_extras(
         loss), ``accuracy`` and ``grad`` (when ``grad_output`` is given).
     """
     x = logits.detach().to("cpu", torch.float64).requires_grad_(grad_output is not None)
-    t = target.detach().to("cpu").long()
-    n_cols = x.shape[-1]
-    w = (weight.detach().to("cpu", torch.float64) if weight is not None
-         else torch.ones(n_cols, dtype=torch.float64))
-    counted = t != ignore_index
-    t_safe = torch.where(counted, t, 0)
-    z = x * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    lse = torch.logsumexp(z, dim=-1)
-    z_t = z.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)
-    w_t = w[t_safe]
-    eps = label_smoothing
-    rows = (1 - eps) * w_t * (lse - z_t) + eps / n_cols * ((lse.unsqueeze(-1) - z) * w).sum(-1)
-    z_rows = lse_square_scale * w_t * lse**2
-    rows = torch.where(counted, rows + z_rows, 0.0)
-    z_rows = torch.where(counted, z_rows, 0.0)
-    if reduction == "none":
-        loss, z_loss = rows, z_rows
-    elif reduction == "sum":
-        loss, z_loss = rows.sum(), z_rows.sum()
-    else:
-        denom = (torch.tensor(float(num_items_in_batch), dtype=torch.float64)
-                 if num_items_in_batch is not None else torch.where(counted, w_t, 0.0).sum())
-        inv = 1.0 / denom if denom != 0 else torch.tensor(0.0, dtype=torch.float64)
-        loss, z_loss = rows.sum() * inv, z_rows.sum() * inv
-    n_counted = int(counted.sum())
-    hits = ((z.argmax(-1) == t) & counted).sum().double()
-    accuracy = hits / n_counted if n_counted else torch.tensor(0.0, dtype=torch.float64)
-    grad = None
-    if grad_output is not None:
-        go = torch.as_tensor(grad_output, dtype=torch.float64)
-        loss.backward(go.expand_as(loss) if go.dim() == 0 else go)
-        grad = x.grad
-    return {"loss": loss.detach(), "lse": torch.where(counted, lse, 0.0).detach(),
-            "z_loss": z_loss.detach(), "accuracy": accuracy, "grad": grad}
+    out = _extras_core(x, target, weight, ignore_index, reduction, label_smoothing, logit_scale,
+                       softcap, lse_square_scale, num_items_in_batch)
+    out["grad"] = _backward(out["loss"], [x], grad_output)[0] if grad_output is not None else None
+    out["loss"] = out["loss"].detach()
+    return out
+
+
+def reference_linear(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None = None,
+    grad_output: Tensor | float = 1.0,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
+    num_items_in_batch: float | None = None,
+) -> dict[str, Tensor | None]:
+    """The unfused loss of ``input @ linear_weight.T + linear_bias`` in float64 (as
+    ``reference_extras``), with the gradients of the input, the weight and the bias."""
+    params = [t.detach().to("cpu", torch.float64).requires_grad_() if t is not None else None
+              for t in (input, linear_weight, linear_bias)]
+    logits = F.linear(*params)
+    out = _extras_core(logits, target, weight, ignore_index, reduction, label_smoothing,
+                       logit_scale, softcap, lse_square_scale, num_items_in_batch)
+    grads = _backward(out["loss"], [p for p in params if p is not None], grad_output)
+    out.update(loss=out["loss"].detach(), grad_input=grads[0], grad_weight=grads[1],
+               grad_bias=grads[2] if linear_bias is not None else None)
+    return out

@@ -175,7 +175,7 @@ def _ce_fwd_kernel(
     target_ptr,
     weight_ptr,  # (n_cols,) fp32 class weights, read only when HAS_WEIGHT
     weight_sum_ptr,  # (1,) fp32 sum of the class weights, read only when HAS_WEIGHT
-    scale_ptr,  # (1,) fp32 gradient scale, read only when COMPUTE_GRAD
+    scale_ptr,  # (1,) or (n_rows,) fp32 gradient scale, read only when COMPUTE_GRAD
     partial_ptr,  # (3, n_rows, n_splits) fp32 from _ce_stats_kernel, read only when SPLIT
     partial_idx_ptr,  # (n_rows, n_splits) int32 from _ce_stats_kernel (SPLIT and COMPUTE_ARGMAX)
     loss_ptr,  # (n_rows,) fp32, z-loss included
@@ -185,6 +185,7 @@ def _ce_fwd_kernel(
     grad_ptr,  # gradient of the logits, in their dtype, written only when COMPUTE_GRAD
     stride_logits_row,
     stride_grad_row,
+    stride_scale,  # 0: one scale for all rows; 1: one per row
     n_rows,
     n_cols,
     cols_per_split,  # a multiple of BLOCK_SIZE
@@ -278,7 +279,7 @@ def _ce_fwd_kernel(
     # 3. The gradient of this program's chunk:
     #    g_c = scale * (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c, zero for an ignored row.
     if COMPUTE_GRAD:
-        scale = tl.load(scale_ptr)
+        scale = tl.load(scale_ptr + row * stride_scale)
         scale = tl.where(ignored, 0.0, scale)
         scale = tl.where(valid | ignored, scale, float("nan"))
         b = scale * (1.0 - label_smoothing) * w_t
@@ -418,8 +419,8 @@ def ce_fwd(
             outside [0, C), which give NaN for that row and are never used as addresses.
         weight: (C,) float32 class weights, or None.
         weight_sum: (1,) float32 ``weight.sum()``, when ``weight`` is given.
-        scale: (1,) float32 factor the gradient is multiplied by (the reduction's 1/denominator);
-            needed only with ``grad``.
+        scale: (1,) float32 factor the gradient is multiplied by (the reduction's 1/denominator),
+            or (N,) float32 factors, one per row; needed only with ``grad``.
         ignore_index: target value whose rows count for nothing.
         label_smoothing: in [0, 1].
         grad: (N, C) tensor of the logits' dtype with a contiguous last dimension to write the
@@ -494,6 +495,7 @@ def ce_fwd(
         grad_ptr=grad if compute_grad else logits,
         stride_logits_row=logits.stride(0),
         stride_grad_row=grad.stride(0) if compute_grad else 0,
+        stride_scale=1 if compute_grad and scale.numel() > 1 else 0,
         n_rows=n_rows,
         n_cols=n_cols,
         cols_per_split=cfg.cols_per_split,
