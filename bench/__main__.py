@@ -21,12 +21,17 @@ import fusedce
 
 from . import report
 from .contenders import CONTENDERS, package_version
+from .linear import LINEAR_CONTENDERS, LinearCell, parse_shape, run_linear
 from .harness import MODES, Cell, Result, copy_bandwidth, device_name, device_slug, run_contender
 
 VOCABS = [32000, 50257, 128256, 151936, 262144]  # Llama-2, GPT-2, Llama-3, Qwen2.5, Gemma-3
 GPU_TOKENS = [1024, 4096, 8192, 16384, 32768]
 CPU_TOKENS = [256]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# Fused linear cross-entropy: TOKENSxHIDDENxVOCAB.
+GPU_LINEAR_SHAPES = [f"{n}x{h}x{v}" for n in (4096, 8192, 16384) for h in (2048, 4096)
+                     for v in (128256, 262144)]
+CPU_LINEAR_SHAPES = ["2048x512x32768"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,19 +54,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", type=_names, default=list(MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--contenders", type=_names, default=list(CONTENDERS),
                    help=f"comma list of {list(CONTENDERS)}")
+    p.add_argument("--suites", type=_names, default=["ce", "linear"],
+                   help="ce (cross-entropy on logits), linear (fused linear cross-entropy)")
+    p.add_argument("--linear-shapes", type=_names, default=None,
+                   help="comma list of TOKENSxHIDDENxVOCAB (default GPU "
+                        f"{GPU_LINEAR_SHAPES}, CPU {CPU_LINEAR_SHAPES})")
+    p.add_argument("--linear-dtypes", type=_names, default=None,
+                   help="comma list (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--linear-contenders", type=_names, default=list(LINEAR_CONTENDERS),
+                   help=f"comma list of {list(LINEAR_CONTENDERS)}")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default bench/results/<device>)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     for name, values, allowed in (("dtypes", args.dtypes, DTYPES), ("modes", args.modes, MODES),
-                                  ("contenders", args.contenders, CONTENDERS)):
+                                  ("contenders", args.contenders, CONTENDERS),
+                                  ("suites", args.suites, ("ce", "linear")),
+                                  ("linear-dtypes", args.linear_dtypes or [], DTYPES),
+                                  ("linear-contenders", args.linear_contenders,
+                                   LINEAR_CONTENDERS)):
         unknown = [v for v in values if v not in allowed]
         if unknown:
             p.error(f"unknown {name}: {unknown}; choose from {list(allowed)}")
     return args
 
 
-def versions(contenders: list[str]) -> dict[str, str | None]:
+def _set_up(table: dict, names: list[str], device: torch.device, skipped: dict[str, str],
+            prefix: str) -> tuple[list[str], dict]:
+    """Build the contenders that can run here; record why the others cannot."""
+    runnable, fns = [], {}
+    for name in names:
+        why = table[name].unavailable(device)
+        if why is None:
+            try:
+                fns[name] = table[name].build()
+                runnable.append(name)
+                continue
+            except Exception as exc:
+                why = f"failed to set up: {type(exc).__name__}: {exc}".splitlines()[0]
+        skipped[prefix + name] = why
+    return runnable, fns
+
+
+def versions(contenders: list[str], linear_contenders: list[str]) -> dict[str, str | None]:
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "fusedce": fusedce.__version__}
     try:
@@ -72,8 +107,9 @@ def versions(contenders: list[str]) -> dict[str, str | None]:
         out["triton"] = None
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
-    for name in contenders:
-        pkg = CONTENDERS[name].package
+    for contender in [CONTENDERS[n] for n in contenders] + [LINEAR_CONTENDERS[n]
+                                                             for n in linear_contenders]:
+        pkg = contender.package
         if pkg and pkg not in out and pkg != "fusedce":
             out[pkg] = package_version(pkg)
     return out
@@ -87,17 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
 
-    runnable, skipped, loss_fns = [], {}, {}
-    for name in args.contenders:
-        why = CONTENDERS[name].unavailable(device)
-        if why is None:
-            try:
-                loss_fns[name] = CONTENDERS[name].build()
-                runnable.append(name)
-                continue
-            except Exception as exc:
-                why = f"failed to set up: {type(exc).__name__}: {exc}".splitlines()[0]
-        skipped[name] = why
+    skipped: dict[str, str] = {}
+    runnable, loss_fns = _set_up(CONTENDERS, args.contenders if "ce" in args.suites else [],
+                                 device, skipped, "")
+    linear_runnable, linear_fns = _set_up(
+        LINEAR_CONTENDERS, args.linear_contenders if "linear" in args.suites else [], device,
+        skipped, "linear:")
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
 
@@ -134,12 +165,37 @@ def main(argv: list[str] | None = None) -> int:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
 
+    linear_shapes = args.linear_shapes or (GPU_LINEAR_SHAPES if device.type == "cuda"
+                                           else CPU_LINEAR_SHAPES)
+    linear_dtypes = args.linear_dtypes or (["bf16"] if device.type == "cuda" else ["fp32"])
+    for dtype_name in linear_dtypes if linear_runnable else []:
+        for shape in linear_shapes:
+            tokens_, hidden, vocab = parse_shape(shape)
+            try:
+                cell = LinearCell(tokens_, hidden, vocab, DTYPES[dtype_name], device, generator)
+            except torch.OutOfMemoryError:
+                continue
+            cell_results = []
+            for name in linear_runnable:
+                r = run_linear(cell, LINEAR_CONTENDERS[name], linear_fns[name])
+                cell_results.append(r)
+                print(f"linear {dtype_name} {shape:18s} {name:18s} "
+                      f"{r.status if r.status != 'ok' else f'{r.ms:9.1f} ms'}", flush=True)
+            unfused = next((r for r in cell_results if r.contender == "unfused" and r.ms), None)
+            for r in cell_results:
+                if unfused and r.ms:
+                    r.speedup_vs_eager = unfused.ms / r.ms
+            results.extend(cell_results)
+            del cell
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
     meta = {
         "device": device_name(device),
         "device_type": device.type,
         "copy_bandwidth_gbps": round(bandwidth / 1e9, 2),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": versions(args.contenders),
+        "versions": versions(args.contenders, args.linear_contenders),
         "threads": torch.get_num_threads(),
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "duration_s": round(time.perf_counter() - started, 1),

@@ -240,8 +240,10 @@ class Result:
     compile_s: float | None = None
     loss_err: float | None = None
     grad_err: float | None = None
-    speedup_vs_eager: float | None = None
+    speedup_vs_eager: float | None = None  # linear workloads: against the unfused path
     input_sets: int = 1
+    hidden: int | None = None  # linear workloads only
+    tflops: float | None = None  # linear workloads only
 
 
 class Cell:

@@ -14,7 +14,32 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[Result]) -> str:
-    """One row per (cell, contender), cells in run order."""
+    """One row per (cell, contender), cells in run order; linear workloads in a table of their
+    own."""
+    linear = [r for r in results if r.hidden is not None]
+    plain = [r for r in results if r.hidden is None]
+    text = _ce_table(plain) if plain else ""
+    if linear:
+        text += ("\n" if text else "") + _linear_table(linear)
+    return text
+
+
+def _linear_table(results: list[Result]) -> str:
+    head = ("| tokens | hidden | vocab | dtype | contender | ms | TFLOP/s | peak extra MiB | "
+            "vs unfused | loss err | grad err | note |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        note = "" if r.status == "ok" else r.status
+        lines.append(
+            f"| {r.tokens} | {r.hidden} | {r.vocab} | {r.dtype} | {r.contender} | "
+            f"{_fmt(r.ms, '.1f')} | {_fmt(r.tflops, '.2f')} | {_fmt(r.peak_extra_mib, '.0f')} | "
+            f"{_fmt(r.speedup_vs_eager, '.2f')}{'' if r.speedup_vs_eager is None else '×'} | "
+            f"{_fmt(r.loss_err, '.1e')} | {_fmt(r.grad_err, '.1e')} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ce_table(results: list[Result]) -> str:
     head = ("| mode | dtype | tokens | vocab | contender | ms | GB/s | % copy BW | "
             "peak extra MiB | % of logits | vs eager | loss err | grad err | note |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -62,7 +87,7 @@ def write_plots(folder: Path, results: list[Result]) -> list[Path]:
         return []
     groups: dict[tuple[str, int], list[Result]] = defaultdict(list)
     for r in results:
-        if r.status == "ok":
+        if r.status == "ok" and r.hidden is None:
             groups[(r.dtype, r.tokens)].append(r)
     written = []
     for (dtype, tokens), rows in sorted(groups.items()):

@@ -332,7 +332,7 @@ def linear_cross_entropy(
         reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale,
         num_items_in_batch, return_stats, impl: as in ``fusedce.cross_entropy``.
         chunk_size: rows per chunk; None picks logits about the size of ``input`` (at least
-            16 Mi elements, at most 1/8 of free GPU memory).
+            8 Mi elements, at most 1/8 of free GPU memory).
 
     Returns:
         The loss in the input's dtype (the target's shape for ``none``); with ``return_stats``,

@@ -34,13 +34,14 @@ from .autograd import (
     reduction_scale,
 )
 
-# Logits elements per chunk when the hidden states are smaller than this: 16 Mi (32 MiB bf16).
-MIN_CHUNK_ELEMENTS = 1 << 24
+# Logits elements per chunk when the hidden states are smaller than this: 8 Mi (16 MiB bf16),
+# enough rows (256 at a 32768 vocabulary) for efficient matrix products.
+MIN_CHUNK_ELEMENTS = 1 << 23
 
 
 def default_chunk_size(n_rows: int, n_cols: int, hidden: int, element_size: int,
                        device: torch.device) -> int:
-    """Rows per chunk: logits about the size of the hidden states (at least 16 Mi elements), so
+    """Rows per chunk: logits about the size of the hidden states (at least 8 Mi elements), so
     neither many tiny products nor an oversized buffer; on CUDA at most 1/8 of free memory.
     Multiples of 64 rows keep the matrix products efficient."""
     target = max(n_rows * hidden, MIN_CHUNK_ELEMENTS)

@@ -202,3 +202,39 @@ def test_trainer_gradient_accumulation(tmp_path):
         assert ours == pytest.approx(ref, rel=1e-4)
     for p, p_ref in zip(params, ref_params):
         assert rel_err(p, p_ref) <= 1e-4
+
+
+def test_fused_linear_matches_transformers():
+    """apply(model, fused_linear=True): no logits, the same loss and parameter gradients."""
+    ref_model = _tiny_model()
+    model = copy.deepcopy(ref_model)
+    fce_hf.apply(model, fused_linear=True)
+    input_ids, attention_mask = _batch()
+    labels = fce_hf.build_labels(input_ids, attention_mask)
+    for num_items in (None, torch.tensor(17)):
+        kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+        ref = ref_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                        **kwargs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        assert out.logits is None
+        ref.loss.backward()
+        out.loss.backward()
+        assert rel_err(out.loss, ref.loss) <= 1e-5
+        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+            assert rel_err(p.grad, p_ref.grad) <= 1e-4, name
+        model.zero_grad()
+        ref_model.zero_grad()
+    # Without labels the model's own forward runs and returns logits.
+    assert model(input_ids=input_ids).logits.shape == (3, 12, VOCAB)
+    fce_hf.revert(model)
+    assert "_fusedce_original_forward" not in model.__dict__
+    assert model(input_ids=input_ids, labels=labels).logits is not None
+
+
+def test_logit_options_from_config():
+    config = transformers.PretrainedConfig()
+    config.final_logit_softcapping = 30.0
+    config.logits_scaling = 4.0
+    assert fce_hf._logit_options(config) == {"softcap": 30.0, "logit_scale": 0.25}
+    with pytest.raises(ValueError, match="needs a model"):
+        fce_hf.apply(fused_linear=True)

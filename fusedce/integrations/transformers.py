@@ -12,6 +12,7 @@ Use it per model, or for every causal-LM model of the process::
     from fusedce.integrations import transformers as fce_hf
 
     fce_hf.apply(model)      # this model only
+    fce_hf.apply(model, fused_linear=True)   # ... and no logits at all: loss from hidden states
     fce_hf.apply()           # every model whose loss_type is causal-LM
     fce_hf.revert()          # undo (fce_hf.revert(model) for one model)
 
@@ -20,6 +21,7 @@ Neither touches ``torch.nn.functional.cross_entropy``: other code keeps PyTorch'
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -78,13 +80,61 @@ def causal_lm_loss(
     )
 
 
+def _logit_options(config: Any) -> dict[str, Any]:
+    """fusedce options for a model's own logit transforms, read from its config: Gemma-2's
+    ``final_logit_softcapping``, Cohere's ``logit_scale`` (a product), Granite's
+    ``logits_scaling`` (a divisor)."""
+    options: dict[str, Any] = {}
+    if getattr(config, "final_logit_softcapping", None):
+        options["softcap"] = float(config.final_logit_softcapping)
+    scale = 1.0
+    if getattr(config, "logit_scale", None):
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    if scale != 1.0:
+        options["logit_scale"] = scale
+    return options
+
+
+def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                   past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                   logits_to_keep=0, shift_labels=None, **kwargs):
+    """A causal LM's forward whose loss comes from the hidden states and the LM head through
+    fusedce.linear_cross_entropy: with labels, no logits are made (``logits`` is None)."""
+    if labels is None and shift_labels is None:
+        return self._fusedce_original_forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..functional import linear_cross_entropy
+
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    head = self.lm_head
+    loss = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight,
+        shift_labels.reshape(-1).to(hidden.device), linear_bias=head.bias,
+        num_items_in_batch=kwargs.get("num_items_in_batch"), **_logit_options(self.config),
+    ).float()
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)
+
+
 def _loss_mapping() -> dict[str, Any]:
     from transformers.loss import loss_utils
 
     return loss_utils.LOSS_MAPPING
 
 
-def apply(model: Any | None = None) -> None:
+def apply(model: Any | None = None, *, fused_linear: bool = False) -> None:
     """Make causal-LM models use ``causal_lm_loss``.
 
     Args:
@@ -92,10 +142,27 @@ def apply(model: Any | None = None) -> None:
             changed.  None: every entry of transformers' loss mapping that uses its causal-LM
             loss (``ForCausalLM`` and the loss types that share it) is pointed at fusedce, for
             all models of the process, now and later.
+        fused_linear: (with a model) also replace its forward so that, when labels are given,
+            the loss comes from the hidden states and the LM head through
+            ``fusedce.linear_cross_entropy`` and no logits are materialised (the output's
+            ``logits`` is then None; without labels the model's own forward runs).  The model
+            needs a decoder ``model.model`` and a linear ``model.lm_head``.
     """
     if model is not None:
         model.loss_function = causal_lm_loss
+        if fused_linear:
+            if not (hasattr(model, "model") and isinstance(
+                    getattr(model, "lm_head", None), torch.nn.Linear)):
+                raise ValueError(
+                    f"fused_linear needs a causal LM with .model and a linear .lm_head; "
+                    f"{type(model).__name__} has not"
+                )
+            if "_fusedce_original_forward" not in model.__dict__:
+                model._fusedce_original_forward = model.forward
+                model.forward = types.MethodType(_fused_forward, model)
         return
+    if fused_linear:
+        raise ValueError("fused_linear=True needs a model: apply(model, fused_linear=True)")
     from transformers.loss import loss_utils
 
     mapping = _loss_mapping()
@@ -110,6 +177,8 @@ def revert(model: Any | None = None) -> None:
     if model is not None:
         if getattr(model, "_loss_function", None) is causal_lm_loss:
             del model._loss_function
+        if "_fusedce_original_forward" in model.__dict__:
+            model.forward = model.__dict__.pop("_fusedce_original_forward")
         return
     mapping = _loss_mapping()
     for name, fn in _PATCHED.items():
