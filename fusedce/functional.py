@@ -67,8 +67,11 @@ def resolve_impl(impl: ImplChoice, device: torch.device) -> Literal["triton", "t
 
 
 def _check_common(
-    input: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float
+    input: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float,
+    sliced: bool = False,
 ) -> None:
+    """``sliced``: the input holds a slice of the vocabulary, so ``weight`` (the whole
+    vocabulary's) is checked against the ranks' slices later."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -76,11 +79,12 @@ def _check_common(
     if input.dim() == 0:
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    _check_loss_options(n_classes, input.device, weight, reduction, label_smoothing)
+    _check_loss_options(None if sliced else n_classes, input.device, weight, reduction,
+                        label_smoothing)
 
 
 def _check_loss_options(
-    n_classes: int, device: torch.device, weight: Tensor | None, reduction: str,
+    n_classes: int | None, device: torch.device, weight: Tensor | None, reduction: str,
     label_smoothing: float,
 ) -> None:
     if reduction not in _REDUCTIONS:
@@ -92,7 +96,7 @@ def _check_loss_options(
     if weight is not None:
         if not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-        if weight.dim() != 1 or weight.shape[0] != n_classes:
+        if weight.dim() != 1 or (n_classes is not None and weight.shape[0] != n_classes):
             raise ValueError(
                 f"weight must have shape ({n_classes},), one value per class, "
                 f"got {tuple(weight.shape)}"
@@ -141,6 +145,7 @@ def cross_entropy(
     num_items_in_batch: int | Tensor | None = None,
     return_stats: bool = False,
     out_dtype: torch.dtype | None = None,
+    process_group: object | None = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
 
@@ -179,6 +184,11 @@ def cross_entropy(
             accuracy), computed in the same pass over the logits.
         out_dtype: dtype of the returned loss, e.g. ``torch.float32`` for bf16 logits (the loss
             is always computed in float32; the default returns the input's dtype, as PyTorch).
+        process_group: a ``torch.distributed`` group whose ranks each hold a contiguous slice
+            of the vocabulary (in rank order, sizes may differ): ``input`` is this rank's
+            slice of the logits, ``target`` the global class ids, ``weight`` the full weight
+            vector.  Only per-token numbers are exchanged (see ``fusedce.distributed``); the
+            loss is the same on every rank and the gradient is this rank's slice.
 
     Returns:
         The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
@@ -188,18 +198,19 @@ def cross_entropy(
     ignored, or empty) gives loss 0 and a zero gradient instead of NaN; rows whose target is
     ignored get an exactly zero gradient even when their logits are not finite.
     """
-    _check_common(input, weight, reduction, label_smoothing)
+    _check_common(input, weight, reduction, label_smoothing, sliced=process_group is not None)
     _check_extras(reduction, logit_scale, softcap, lse_square_scale, num_items_in_batch,
                   out_dtype)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     extras_used = (logit_scale != 1.0 or softcap is not None or lse_square_scale != 0.0
-                   or num_items_in_batch is not None or return_stats or out_dtype is not None)
+                   or num_items_in_batch is not None or return_stats or out_dtype is not None
+                   or process_group is not None)
     if target.is_floating_point() and target.shape == input.shape:
         if extras_used:
             raise ValueError(
-                "logit_scale, softcap, lse_square_scale, num_items_in_batch, return_stats and "
-                "out_dtype need class-index targets; got class probabilities"
+                "logit_scale, softcap, lse_square_scale, num_items_in_batch, return_stats, "
+                "out_dtype and process_group need class-index targets; got class probabilities"
             )
         # Class probabilities: PyTorch's own implementation, with PyTorch's semantics.
         if weight is not None:
@@ -231,7 +242,23 @@ def cross_entropy(
 
     extras = (float(logit_scale), None if softcap is None else float(softcap),
               float(lse_square_scale), num_items_in_batch, bool(return_stats), out_dtype)
-    if torch.is_grad_enabled() and input.requires_grad:
+    if process_group is not None:
+        from .distributed import VocabParallelCrossEntropyFunction, vocab_parallel_forward
+
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("process_group given but torch.distributed is not initialized")
+        if torch.is_grad_enabled() and input.requires_grad:
+            loss, lse, z_loss, accuracy = VocabParallelCrossEntropyFunction.apply(
+                logits, flat_target, weight, ignore_index, reduction, float(label_smoothing),
+                chosen, bool(inplace_backward), process_group, *extras[:4], extras[4],
+                out_dtype)
+        else:
+            (loss, lse, z_loss, accuracy), _ = vocab_parallel_forward(
+                logits, flat_target, weight, ignore_index, reduction, float(label_smoothing),
+                chosen, process_group, compute_grad=False, inplace=False,
+                logit_scale=extras[0], softcap=extras[1], lse_square_scale=extras[2],
+                num_items_in_batch=extras[3], compute_accuracy=extras[4], out_dtype=out_dtype)
+    elif torch.is_grad_enabled() and input.requires_grad:
         loss, lse, z_loss, accuracy = CrossEntropyFunction.apply(
             logits, flat_target, weight, ignore_index, reduction, float(label_smoothing), chosen,
             bool(inplace_backward), None, None, *extras,

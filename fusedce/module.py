@@ -17,7 +17,7 @@ class CrossEntropyLoss(nn.Module):
         weight: (C,) class weights, kept as a buffer (so ``.to()`` and ``state_dict`` carry it).
         ignore_index, reduction, label_smoothing: as in ``torch.nn.CrossEntropyLoss``.
         impl, inplace_backward, logit_scale, softcap, lse_square_scale, return_stats,
-        out_dtype: as in ``fusedce.cross_entropy``.
+        out_dtype, process_group: as in ``fusedce.cross_entropy``.
 
     Shape: ``input`` (N, C), (C,) or (N, C, d1, ...); ``target`` (N,), () or (N, d1, ...).
     ``forward(input, target, num_items_in_batch=None)`` takes the gradient-accumulation
@@ -38,6 +38,7 @@ class CrossEntropyLoss(nn.Module):
         lse_square_scale: float = 0.0,
         return_stats: bool = False,
         out_dtype: torch.dtype | None = None,
+        process_group: object | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -52,6 +53,7 @@ class CrossEntropyLoss(nn.Module):
         self.lse_square_scale = lse_square_scale
         self.return_stats = return_stats
         self.out_dtype = out_dtype
+        self.process_group = process_group
 
     def forward(
         self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None
@@ -71,6 +73,7 @@ class CrossEntropyLoss(nn.Module):
             num_items_in_batch=num_items_in_batch,
             return_stats=self.return_stats,
             out_dtype=self.out_dtype,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -176,8 +176,10 @@ def _ce_fwd_kernel(
     weight_ptr,  # (n_cols,) fp32 class weights, read only when HAS_WEIGHT
     weight_sum_ptr,  # (1,) fp32 sum of the class weights, read only when HAS_WEIGHT
     scale_ptr,  # (1,) or (n_rows,) fp32 gradient scale, read only when COMPUTE_GRAD
-    partial_ptr,  # (3, n_rows, n_splits) fp32 from _ce_stats_kernel, read only when SPLIT
-    partial_idx_ptr,  # (n_rows, n_splits) int32 from _ce_stats_kernel (SPLIT and COMPUTE_ARGMAX)
+    partial_ptr,  # (3, n_rows, n_partials) fp32 row statistics to merge, read only when MERGE
+    partial_idx_ptr,  # (n_rows, n_partials) int32 first argmax (global column), MERGE and ARGMAX
+    target_logit_ptr,  # (n_rows,) fp32 transformed target logit, read only when VOCAB_PARALLEL
+    target_weight_ptr,  # (n_rows,) fp32 target's class weight, VOCAB_PARALLEL and HAS_WEIGHT
     loss_ptr,  # (n_rows,) fp32, z-loss included
     lse_ptr,  # (n_rows,) fp32; 0 for ignored rows
     z_loss_ptr,  # (n_rows,) fp32 lam * w_t * lse^2, written when HAS_ZLOSS
@@ -187,17 +189,20 @@ def _ce_fwd_kernel(
     stride_grad_row,
     stride_scale,  # 0: one scale for all rows; 1: one per row
     n_rows,
-    n_cols,
+    n_cols,  # columns held here (this rank's slice of the vocabulary when VOCAB_PARALLEL)
+    n_classes,  # classes in all (n_cols unless VOCAB_PARALLEL)
+    vocab_start,  # global id of column 0 (0 unless VOCAB_PARALLEL)
     cols_per_split,  # a multiple of BLOCK_SIZE
-    n_splits,
+    n_partials,  # statistics per row to merge (MERGE)
     ignore_index,
     label_smoothing,
     logit_scale,
     softcap,
     lse_square_scale,
     BLOCK_SIZE: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr,  # next power of two >= n_splits
-    SPLIT: tl.constexpr,  # n_splits > 1: merge the partials of _ce_stats_kernel
+    PARTIAL_BLOCK: tl.constexpr,  # next power of two >= n_partials
+    MERGE: tl.constexpr,  # row statistics come from partial_ptr instead of a pass over the row
+    VOCAB_PARALLEL: tl.constexpr,  # the row is a slice; the target logit comes from outside
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -210,19 +215,20 @@ def _ce_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
-    target = tl.load(target_ptr + row).to(tl.int64)
+    target = tl.load(target_ptr + row).to(tl.int64)  # a global class id
     ignored = target == ignore_index
-    valid = (target >= 0) & (target < n_cols)
+    valid = (target >= 0) & (target < n_classes)
+    local_target = target - vocab_start  # in [0, n_cols) when this slice holds the target
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
 
     # 1. The row's log-sum-exp (and sum w*z for smoothing, first argmax for accuracy).
-    if SPLIT:
-        # Merge the chunks' partials in a fixed order, so results are bitwise reproducible.
-        s = tl.arange(0, SPLIT_BLOCK)
-        smask = s < n_splits
-        part = row * n_splits + s
-        plane = n_rows * n_splits
+    if MERGE:
+        # Merge the partials in a fixed order, so results are bitwise reproducible.
+        s = tl.arange(0, PARTIAL_BLOCK)
+        smask = s < n_partials
+        part = row * n_partials + s
+        plane = n_rows * n_partials
         m_part = tl.load(partial_ptr + part, mask=smask, other=_MIN_F32)
         d_part = tl.load(partial_ptr + plane + part, mask=smask, other=0.0)
         m = tl.max(m_part, axis=0)
@@ -250,20 +256,26 @@ def _ce_fwd_kernel(
     lse = m + tl.log(d)
 
     # 2. The loss.  The target logit is one scalar load, masked unless the target is in range.
-    safe_target = tl.where(valid, target, 0)
     read_t = valid & (target != ignore_index)
-    x_t = tl.load(row_ptr + safe_target, mask=read_t, other=0.0).to(tl.float32)
-    z_t = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    if VOCAB_PARALLEL:
+        z_t = tl.load(target_logit_ptr + row)
+        if HAS_WEIGHT:
+            w_t = tl.load(target_weight_ptr + row)
+    else:
+        safe_target = tl.where(valid, target, 0)
+        x_t = tl.load(row_ptr + safe_target, mask=read_t, other=0.0).to(tl.float32)
+        z_t = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + safe_target, mask=read_t, other=0.0)
     z_t = tl.where(valid, z_t, float("nan"))
     if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + safe_target, mask=read_t, other=0.0)
         w_sum = tl.load(weight_sum_ptr)
     else:
         w_t = 1.0
-        w_sum = n_cols * 1.0
+        w_sum = n_classes * 1.0
     loss = (1.0 - label_smoothing) * w_t * (lse - z_t)
     if HAS_SMOOTHING:
-        loss += label_smoothing / n_cols * (w_sum * lse - sz)
+        loss += label_smoothing / n_classes * (w_sum * lse - sz)
     if HAS_ZLOSS:
         z_loss = tl.where(ignored, 0.0, lse_square_scale * w_t * lse * lse)
         loss += z_loss
@@ -283,7 +295,7 @@ def _ce_fwd_kernel(
         scale = tl.where(ignored, 0.0, scale)
         scale = tl.where(valid | ignored, scale, float("nan"))
         b = scale * (1.0 - label_smoothing) * w_t
-        s = scale * label_smoothing / n_cols
+        s = scale * label_smoothing / n_classes
         # An ignored row uses lse = 0 (its lse is -inf) with every load masked off: p = 0 and
         # g = 0 are written without reading the logits.
         lse_g = tl.where(ignored, 0.0, lse)
@@ -299,7 +311,7 @@ def _ce_fwd_kernel(
             x = tl.load(row_ptr + offs, mask=offs < read_end, other=0.0).to(tl.float32)
             z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
             p = tl.where(offs < read_end, tl.exp(z - lse_g), 0.0)
-            g = a * p - tl.where(offs == target, b, 0.0)
+            g = a * p - tl.where(offs == local_target, b, 0.0)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     g -= s * tl.load(weight_ptr + offs, mask=mask, other=0.0)
@@ -394,6 +406,81 @@ class RowOutputs(NamedTuple):
     correct: torch.Tensor | None  # (N,) 1.0 where the first argmax is the target, when asked
 
 
+class RowStats(NamedTuple):
+    """Statistics of rows of (transformed) logits, in float32 unless said otherwise.
+
+    ``max``/``sumexp``/``weighted_sum`` are (N, P): P partial results per row (chunks of the
+    vocabulary, or ranks of a vocabulary-parallel group), each ``max`` of its z, ``sumexp`` the
+    sum of exp(z - max), ``weighted_sum`` the sum of w * z (0 without label smoothing).
+    ``argmax`` is (N, P) int32, the first column (global id) reaching ``max``, or None.
+    """
+
+    max: torch.Tensor
+    sumexp: torch.Tensor
+    weighted_sum: torch.Tensor
+    argmax: torch.Tensor | None
+
+
+def _flags(weight, label_smoothing, logit_scale, softcap, compute_accuracy) -> dict:
+    return dict(
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SCALE=logit_scale != 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_ARGMAX=compute_accuracy,
+    )
+
+
+def ce_row_stats(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    compute_accuracy: bool = False,
+    block_size: int | None = None,
+    n_splits: int | None = None,
+) -> RowStats:
+    """Partial statistics of each row's (transformed) logits: one pass that reads them once.
+
+    Args: as ``ce_fwd`` (``weight`` the (C,) weights of these columns).  Ignored rows read
+    nothing and give (min, 0, 0).
+
+    Returns:
+        ``RowStats`` with one partial per vocabulary chunk (P = the launch's ``n_splits``);
+        ``argmax`` columns are local to ``logits``.
+    """
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    cfg = launch_config(n_rows, n_cols, device, block_size=block_size, n_splits=n_splits)
+    partial = torch.empty(3, n_rows, cfg.n_splits, dtype=torch.float32, device=device)
+    partial_idx = (torch.empty(n_rows, cfg.n_splits, dtype=torch.int32, device=device)
+                   if compute_accuracy else None)
+    if n_rows:
+        _ce_stats_kernel[(n_rows, cfg.n_splits)](
+            logits_ptr=logits,
+            target_ptr=target,
+            weight_ptr=weight if weight is not None else partial,
+            partial_ptr=partial,
+            partial_idx_ptr=partial_idx if compute_accuracy else partial,
+            stride_logits_row=logits.stride(0),
+            n_rows=n_rows,
+            n_cols=n_cols,
+            cols_per_split=cfg.cols_per_split,
+            n_splits=cfg.n_splits,
+            ignore_index=ignore_index,
+            logit_scale=float(logit_scale),
+            softcap=float(softcap) if softcap is not None else 1.0,
+            BLOCK_SIZE=cfg.block_size,
+            num_warps=cfg.num_warps,
+            **_flags(weight, label_smoothing, logit_scale, softcap, compute_accuracy),
+        )
+    return RowStats(partial[0], partial[1], partial[2], partial_idx)
+
+
 def ce_fwd(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -410,6 +497,11 @@ def ce_fwd(
     compute_accuracy: bool = False,
     block_size: int | None = None,
     n_splits: int | None = None,
+    row_stats: RowStats | None = None,
+    vocab_start: int = 0,
+    n_classes: int | None = None,
+    target_logit: torch.Tensor | None = None,
+    target_weight: torch.Tensor | None = None,
 ) -> RowOutputs:
     """Per-row cross-entropy, its extras, and the gradient of the logits in the same launch.
 
@@ -418,7 +510,7 @@ def ce_fwd(
         target: (N,) integer class indices; may hold ``ignore_index`` or, for broken input, values
             outside [0, C), which give NaN for that row and are never used as addresses.
         weight: (C,) float32 class weights, or None.
-        weight_sum: (1,) float32 ``weight.sum()``, when ``weight`` is given.
+        weight_sum: (1,) float32 sum of all class weights, when ``weight`` is given.
         scale: (1,) float32 factor the gradient is multiplied by (the reduction's 1/denominator),
             or (N,) float32 factors, one per row; needed only with ``grad``.
         ignore_index: target value whose rows count for nothing.
@@ -431,9 +523,20 @@ def ce_fwd(
         lse_square_scale: z-loss coefficient (``lse_square_scale * lse**2`` added per row).
         compute_accuracy: also report whether each row's first argmax is its target.
         block_size, n_splits: override ``launch_config``'s choice.
+        row_stats: the rows' statistics, already known (merged in order, in the launch that
+            writes the gradient); None computes them here.
+        vocab_start, n_classes, target_logit, target_weight: vocabulary parallelism.  ``logits``
+            then holds the global columns ``[vocab_start, vocab_start + C)`` of ``n_classes``;
+            ``target`` holds global ids; ``row_stats`` (required) covers the whole vocabulary;
+            ``target_logit`` (N,) is each row's transformed target logit, wherever it lives, and
+            ``target_weight`` (N,) its class weight (with ``weight``, then this slice's weights).
     """
     n_rows, n_cols = logits.shape
     device = logits.device
+    vocab_parallel = target_logit is not None
+    if vocab_parallel and row_stats is None:
+        raise ValueError("vocabulary-parallel ce_fwd needs the merged row_stats")
+    n_classes = n_cols if n_classes is None else n_classes
     has_zloss = lse_square_scale != 0.0
     out = RowOutputs(
         torch.empty(n_rows, dtype=torch.float32, device=device),
@@ -444,43 +547,22 @@ def ce_fwd(
     if n_rows == 0:
         return out
     cfg = launch_config(n_rows, n_cols, device, block_size=block_size, n_splits=n_splits)
-    flags = dict(
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SCALE=logit_scale != 1.0,
-        HAS_SOFTCAP=softcap is not None,
-        COMPUTE_ARGMAX=compute_accuracy,
-    )
-    softcap_value = float(softcap) if softcap is not None else 1.0
-    compute_grad = grad is not None
-    split = cfg.n_splits > 1
-    grid = (n_rows, cfg.n_splits)
-    # Unused pointer arguments get a real tensor so that every argument has a valid address.
-    dummy = out.loss
+    if row_stats is None and cfg.n_splits > 1:
+        row_stats = ce_row_stats(logits, target, weight, ignore_index, label_smoothing,
+                                 logit_scale=logit_scale, softcap=softcap,
+                                 compute_accuracy=compute_accuracy, block_size=cfg.block_size,
+                                 n_splits=cfg.n_splits)
+    merge = row_stats is not None
+    n_partials = row_stats.max.shape[1] if merge else 1
+    dummy = out.loss  # every pointer argument gets a real address
     partial = partial_idx = dummy
-    if split:
-        partial = torch.empty(3 * n_rows * cfg.n_splits, dtype=torch.float32, device=device)
+    if merge:
+        partial = torch.stack([row_stats.max, row_stats.sumexp, row_stats.weighted_sum])
+        partial = partial.contiguous()
         if compute_accuracy:
-            partial_idx = torch.empty(n_rows * cfg.n_splits, dtype=torch.int32, device=device)
-        _ce_stats_kernel[grid](
-            logits_ptr=logits,
-            target_ptr=target,
-            weight_ptr=weight if weight is not None else dummy,
-            partial_ptr=partial,
-            partial_idx_ptr=partial_idx,
-            stride_logits_row=logits.stride(0),
-            n_rows=n_rows,
-            n_cols=n_cols,
-            cols_per_split=cfg.cols_per_split,
-            n_splits=cfg.n_splits,
-            ignore_index=ignore_index,
-            logit_scale=float(logit_scale),
-            softcap=softcap_value,
-            BLOCK_SIZE=cfg.block_size,
-            num_warps=cfg.num_warps,
-            **flags,
-        )
-    _ce_fwd_kernel[grid](
+            partial_idx = row_stats.argmax.to(torch.int32).contiguous()
+    compute_grad = grad is not None
+    _ce_fwd_kernel[(n_rows, cfg.n_splits)](
         logits_ptr=logits,
         target_ptr=target,
         weight_ptr=weight if weight is not None else dummy,
@@ -488,6 +570,8 @@ def ce_fwd(
         scale_ptr=scale if compute_grad else dummy,
         partial_ptr=partial,
         partial_idx_ptr=partial_idx,
+        target_logit_ptr=target_logit if vocab_parallel else dummy,
+        target_weight_ptr=target_weight if target_weight is not None else dummy,
         loss_ptr=out.loss,
         lse_ptr=out.lse,
         z_loss_ptr=out.z_loss if has_zloss else dummy,
@@ -498,20 +582,23 @@ def ce_fwd(
         stride_scale=1 if compute_grad and scale.numel() > 1 else 0,
         n_rows=n_rows,
         n_cols=n_cols,
+        n_classes=n_classes,
+        vocab_start=vocab_start,
         cols_per_split=cfg.cols_per_split,
-        n_splits=cfg.n_splits,
+        n_partials=n_partials,
         ignore_index=ignore_index,
         label_smoothing=float(label_smoothing),
         logit_scale=float(logit_scale),
-        softcap=softcap_value,
+        softcap=float(softcap) if softcap is not None else 1.0,
         lse_square_scale=float(lse_square_scale),
         BLOCK_SIZE=cfg.block_size,
-        SPLIT_BLOCK=triton.next_power_of_2(cfg.n_splits),
-        SPLIT=split,
+        PARTIAL_BLOCK=triton.next_power_of_2(n_partials),
+        MERGE=merge,
+        VOCAB_PARALLEL=vocab_parallel,
         HAS_ZLOSS=has_zloss,
         COMPUTE_GRAD=compute_grad,
         num_warps=cfg.num_warps,
-        **flags,
+        **_flags(weight, label_smoothing, logit_scale, softcap, compute_accuracy),
     )
     return out
 
@@ -544,4 +631,13 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
     )
 
 
-__all__ = ["INTERPRETED", "LaunchConfig", "RowOutputs", "launch_config", "ce_fwd", "ce_bwd"]
+__all__ = [
+    "INTERPRETED",
+    "LaunchConfig",
+    "RowOutputs",
+    "RowStats",
+    "ce_bwd",
+    "ce_fwd",
+    "ce_row_stats",
+    "launch_config",
+]
