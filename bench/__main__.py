@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", type=_names, default=list(MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--contenders", type=_names, default=list(CONTENDERS),
                    help=f"comma list of {list(CONTENDERS)}")
-    p.add_argument("--suites", type=_names, default=["ce", "linear"],
-                   help="ce (cross-entropy on logits), linear (fused linear cross-entropy)")
+    p.add_argument("--suites", type=_names, default=["ce", "linear", "comm"],
+                   help="ce (cross-entropy on logits), linear (fused linear cross-entropy), "
+                        "comm (vocabulary-parallel bytes per token, gloo on this machine)")
     p.add_argument("--linear-shapes", type=_names, default=None,
                    help="comma list of TOKENSxHIDDENxVOCAB (default GPU "
                         f"{GPU_LINEAR_SHAPES}, CPU {CPU_LINEAR_SHAPES})")
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name, values, allowed in (("dtypes", args.dtypes, DTYPES), ("modes", args.modes, MODES),
                                   ("contenders", args.contenders, CONTENDERS),
-                                  ("suites", args.suites, ("ce", "linear")),
+                                  ("suites", args.suites, ("ce", "linear", "comm")),
                                   ("linear-dtypes", args.linear_dtypes or [], DTYPES),
                                   ("linear-contenders", args.linear_contenders,
                                    LINEAR_CONTENDERS)):
@@ -190,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    comm_rows = []
+    if "comm" in args.suites:
+        from . import comm
+
+        print("measuring vocabulary-parallel communication (gloo)...", flush=True)
+        comm_rows = comm.measure(vocabs, out_dir=None if args.no_plots else out)
+        for r in comm_rows:
+            print(f"comm world {r['world']} vocab {r['vocab']:7d} accuracy {r['accuracy']!s:5s} "
+                  f"fusedce {r['fusedce_bytes_per_token']:8.1f} B/token, gather "
+                  f"{r['gather_bytes_per_token']:10.1f} B/token", flush=True)
+
     meta = {
         "device": device_name(device),
         "device_type": device.type,
@@ -205,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    else "peak resident set (VmHWM after clear_refs) above the resident set"),
         "skipped": skipped,
     }
-    report.write_json(out / "results.json", meta, results)
-    report.write_markdown(out / "results.md", meta, results)
+    report.write_json(out / "results.json", meta, results, comm_rows)
+    report.write_markdown(out / "results.md", meta, results, comm_rows)
     plots = [] if args.no_plots else report.write_plots(out, results)
     print()
     print(report.markdown_table(results))

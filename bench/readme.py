@@ -75,6 +75,34 @@ def section() -> str:
                 lines.append(f"| {name} | " + " | ".join(
                     _cell(by_vocab[v]) if v in by_vocab else "—" for v in vocabs) + " |")
             lines.append("")
+        linear = [r for r in results if r.get("hidden") is not None]
+        if linear:
+            lines += ["Fused linear cross-entropy, forward + backward:", "",
+                      "| tokens × hidden × vocab | dtype | contender | time | peak extra memory |"
+                      " vs unfused |", "|---|---|---|---|---|---|"]
+            for r in linear:
+                shape = f"{r['tokens']} × {r['hidden']} × {r['vocab']}"
+                if r["status"] != "ok":
+                    lines.append(f"| {shape} | {r['dtype']} | {r['contender']} | "
+                                 f"{r['status'].split(':')[0]} | — | — |")
+                    continue
+                speed = (f"{r['speedup_vs_eager']:.2f}×" if r.get("speedup_vs_eager")
+                         else "—")
+                lines.append(f"| {shape} | {r['dtype']} | {r['contender']} | {r['ms']:.0f} ms | "
+                             f"{r['peak_extra_mib']:.0f} MiB | {speed} |")
+            lines.append("")
+        comm = [r for r in data.get("comm", []) if not r["accuracy"]]
+        if comm:
+            worlds = sorted({r["world"] for r in comm})
+            lines += ["Vocabulary-parallel communication, measured payload per token per rank "
+                      f"(bf16, forward + backward, {', '.join(map(str, worlds))} gloo ranks; "
+                      "with accuracy +8 bytes):", "",
+                      "| vocab | fusedce | gathering the logits |", "|---|---|---|"]
+            for vocab in sorted({r["vocab"] for r in comm}):
+                row = next(r for r in comm if r["vocab"] == vocab)
+                lines.append(f"| {vocab} | {row['fusedce_bytes_per_token']:.0f} B | "
+                             f"{row['gather_bytes_per_token']:.0f} B |")
+            lines.append("")
         if meta.get("skipped"):
             lines.append("Not run: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())
                          + ".")

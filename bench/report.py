@@ -57,12 +57,24 @@ def _ce_table(results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, meta: dict, results: list[Result]) -> None:
-    payload = {"meta": meta, "results": [r.__dict__ for r in results]}
+def write_json(path: Path, meta: dict, results: list[Result], comm: list[dict]) -> None:
+    payload = {"meta": meta, "results": [r.__dict__ for r in results], "comm": comm}
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
-def write_markdown(path: Path, meta: dict, results: list[Result]) -> None:
+def comm_table(comm: list[dict]) -> str:
+    head = ("| ranks | vocab | accuracy | fusedce bytes/token | gather-logits bytes/token | "
+            "ratio |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in comm:
+        ratio = r["gather_bytes_per_token"] / max(r["fusedce_bytes_per_token"], 1e-9)
+        lines.append(f"| {r['world']} | {r['vocab']} | {r['accuracy']} | "
+                     f"{r['fusedce_bytes_per_token']:.0f} | {r['gather_bytes_per_token']:.0f} | "
+                     f"{ratio:.0f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, meta: dict, results: list[Result], comm: list[dict]) -> None:
     lines = [f"# fusedce benchmark: {meta['device']}", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items() if key != "skipped"]
     if meta.get("skipped"):
@@ -70,6 +82,9 @@ def write_markdown(path: Path, meta: dict, results: list[Result]) -> None:
         lines += [f"  - {name}: {why}" for name, why in meta["skipped"].items()]
     lines += ["", "Modes: " + "; ".join(f"`{k}` {v}" for k, v in MODES.items()), ""]
     lines += [markdown_table(results)]
+    if comm:
+        lines += ["Vocabulary-parallel communication (bf16 logits, forward + backward, measured "
+                  "payload handed to collectives, per token per rank):", "", comm_table(comm)]
     path.write_text("\n".join(lines))
 
 

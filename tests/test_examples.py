@@ -21,3 +21,20 @@ def test_finetune_tiny_lm(capsys):
     assert len(rows) == 4
     for _, ours, theirs in rows:
         assert abs(float(ours) - float(theirs)) <= 1e-3 * float(theirs)
+
+
+def test_vocab_parallel_torchrun():
+    import subprocess
+    import sys
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port),
+           str(EXAMPLES / "vocab_parallel.py"), "--tokens", "64", "--vocab", "1001"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("max gradient difference") == 2
