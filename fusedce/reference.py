@@ -161,7 +161,17 @@ def ce_fwd_torch(
         # 1. The transformed logits z, and what is needed of them before buf (which may be x
         #    itself) is overwritten.
         z = _transformed(x, logit_scale, softcap, z_scratch[: r1 - r0] if transformed else None)
-        if merged is None:
+        if merged is None and grad is None:
+            # The loss alone: one fused log-softmax pass; lse = z_t - log p_t, both exact to
+            # rounding (log_softmax is computed stably, not as the log of a probability).
+            z_t = z.gather(1, local).squeeze(1)
+            if eps > 0.0:
+                sz = z @ weight if weight is not None else z.sum(dim=1)
+            if compute_accuracy:
+                first = z.argmax(dim=1)
+            torch._log_softmax(z, 1, False, out=buf)
+            row_lse = z_t - buf.gather(1, local).squeeze(1)
+        elif merged is None:
             m = z.amax(dim=1)
             z_t = z.gather(1, local).squeeze(1)
             if eps > 0.0:
