@@ -48,7 +48,7 @@ def section() -> str:
         versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
         dtype, tokens, rows = _headline(results)
         lines += [
-            f"### {meta['device']}",
+            f"### {meta['device']} (`{path.parent.name}`)",
             "",
             f"Measured {meta['date']} with `{meta['command'].strip()}` ({versions}; "
             f"{meta.get('threads', '?')} threads). Copy bandwidth measured in the same run: "

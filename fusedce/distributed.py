@@ -61,11 +61,15 @@ _LAYOUTS: dict[tuple, VocabLayout] = {}
 def vocab_layout(group, n_local: int, n_rows: int, dtype: torch.dtype,
                  device: torch.device) -> VocabLayout:
     """This rank's slice of the vocabulary, learnt with one ``all_gather`` of (slice width,
-    number of rows, dtype) and cached per (group, width, rows, dtype): the only host read of the
-    vocabulary-parallel path.  Every rank sees the same gathered values, so a mismatch (different
-    numbers of tokens or dtypes across ranks) raises the same error on every rank instead of
-    hanging a later collective."""
-    key = (id(group), n_local, n_rows, dtype, device.type)
+    number of rows, dtype): the only host read of the vocabulary-parallel path.
+
+    It is cached per (group, slice width), which stay the same for a model's life, so every
+    rank makes the same choice between the cache and the exchange (a key that one rank had and
+    another had not would leave a collective waiting).  The exchange checks, on every rank with
+    the same gathered values and so with the same error, that the ranks hold the same number of
+    tokens in the same dtype; later calls are not checked again (a different number of tokens
+    per rank then fails, or hangs, in the per-token all-reduces)."""
+    key = (id(group), n_local, device.type)
     if key in _LAYOUTS:
         return _LAYOUTS[key]
     world = dist.get_world_size(group)

@@ -98,6 +98,15 @@ def _worker(rank, world, port, sizes, out_dir, backend):
             results["bad-weight"] = "no error"
         except ValueError as exc:
             results["bad-weight"] = str(exc)
+        # Bad use: different logits dtypes across ranks, caught by the layout exchange of a
+        # group not seen before (same error on every rank, no hang).
+        fresh = dist.new_group(list(range(world)))
+        try:
+            fusedce.cross_entropy(local.to(torch.bfloat16 if rank == 1 else torch.float32),
+                                  target.clamp(max=0).to(device), process_group=fresh)
+            results["bad-dtype"] = "no error"
+        except TypeError as exc:
+            results["bad-dtype"] = str(exc)
         # A DTensor sharded on the vocabulary (even split, as distribute_tensor makes it).
         if backend == "gloo":
             from torch.distributed.device_mesh import init_device_mesh
@@ -170,6 +179,7 @@ def test_vocab_parallel_matches_single_device(sizes, tmp_path):
     for rank_result in per_rank:
         assert "outside the class range" in rank_result["bad-target"]
         assert "whole vocabulary" in rank_result["bad-weight"]
+        assert "dtypes differ across ranks" in rank_result["bad-dtype"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
