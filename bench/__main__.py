@@ -80,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _relative_to(cell_results: list[Result], baseline: str) -> None:
+    """Fill each result's speed-up over the baseline contender of the same cell."""
+    base = next((r for r in cell_results if r.contender == baseline and r.ms), None)
+    for r in cell_results:
+        if base and r.ms:
+            r.speedup_vs_eager = base.ms / r.ms
+
+
 def _set_up(table: dict, names: list[str], device: torch.device, skipped: dict[str, str],
             prefix: str) -> tuple[list[str], dict]:
     """Build the contenders that can run here; record why the others cannot."""
@@ -156,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{mode:15s} {dtype_name} {n_tokens:6d}x{vocab:<7d} {name:16s} "
                               f"{r.status if r.status != 'ok' else f'{r.ms:9.3f} ms'}",
                               flush=True)
-                    eager = next((r for r in cell_results
-                                  if r.contender == "torch-eager" and r.ms), None)
-                    for r in cell_results:
-                        if eager and r.ms:
-                            r.speedup_vs_eager = eager.ms / r.ms
+                    _relative_to(cell_results, "torch-eager")
                     results.extend(cell_results)
                     del cell
                     if device.type == "cuda":
@@ -182,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 cell_results.append(r)
                 print(f"linear {dtype_name} {shape:18s} {name:18s} "
                       f"{r.status if r.status != 'ok' else f'{r.ms:9.1f} ms'}", flush=True)
-            unfused = next((r for r in cell_results if r.contender == "unfused" and r.ms), None)
-            for r in cell_results:
-                if unfused and r.ms:
-                    r.speedup_vs_eager = unfused.ms / r.ms
+            _relative_to(cell_results, "unfused")
             results.extend(cell_results)
             del cell
             if device.type == "cuda":

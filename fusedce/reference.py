@@ -161,30 +161,27 @@ def ce_fwd_torch(
         # 1. The transformed logits z, and what is needed of them before buf (which may be x
         #    itself) is overwritten.
         z = _transformed(x, logit_scale, softcap, z_scratch[: r1 - r0] if transformed else None)
-        if merged is None and grad is None:
-            # The loss alone: one fused log-softmax pass; lse = z_t - log p_t, both exact to
-            # rounding (log_softmax is computed stably, not as the log of a probability).
+        if merged is None:
             z_t = z.gather(1, local).squeeze(1)
             if eps > 0.0:
                 sz = z @ weight if weight is not None else z.sum(dim=1)
             if compute_accuracy:
                 first = z.argmax(dim=1)
+        if merged is None and grad is None:
+            # 2a. The loss alone: one fused log-softmax pass; lse = z_t - log p_t, both exact to
+            #     rounding (log_softmax is computed stably, not as the log of a probability).
             torch._log_softmax(z, 1, False, out=buf)
             row_lse = z_t - buf.gather(1, local).squeeze(1)
         elif merged is None:
+            # 2b. Softmax (one fused, vectorised pass), then the log-sum-exp from the largest
+            #     probability: p_max = exp(m - lse) lies in [1/C, 1], so lse = m - log(p_max) is
+            #     exact to rounding, unlike z_t - log(p_t), which underflows for an unlikely
+            #     target.  m is taken before buf (which may be z itself) is overwritten.
             m = z.amax(dim=1)
-            z_t = z.gather(1, local).squeeze(1)
-            if eps > 0.0:
-                sz = z @ weight if weight is not None else z.sum(dim=1)
-            if compute_accuracy:
-                first = z.argmax(dim=1)
-            # 2. Softmax (one fused, vectorised pass), then the log-sum-exp from the largest
-            #    probability: p_max = exp(m - lse) lies in [1/C, 1], so lse = m - log(p_max) is
-            #    exact to rounding, unlike z_t - log(p_t), which underflows for an unlikely
-            #    target.
             torch._softmax(z, 1, False, out=buf)
             row_lse = m - buf.amax(dim=1).log()
         else:
+            # 2c. Row statistics merged elsewhere (vocabulary parallelism): p = exp(z - lse).
             row_lse, _, sz, first = (v[r0:r1] if v is not None else None for v in merged)
             z_t = (target_logit[r0:r1] if vocab_parallel
                    else z.gather(1, local).squeeze(1))
