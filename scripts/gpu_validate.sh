@@ -11,7 +11,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:-$root/gpu-out}
 mkdir -p "$out"
 cd "$root"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# An editable install (offline: no dependencies, no build isolation) maps kernels/ to
+# fusedce.kernels, as on any other machine.
+python3 -m pip install -q --no-deps --no-build-isolation -e "$root" || exit 1
 python3 - <<'PY' | tee "$out/versions.txt"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
