@@ -39,6 +39,15 @@ def _batch(batch: int = 3, seq: int = 12, pad_left: bool = False):
     return input_ids, attention_mask
 
 
+def _backward_and_compare(out, ref_out, model, ref_model):
+    """Backward through both models: the same loss and the same gradient of every parameter."""
+    ref_out.loss.backward()
+    out.loss.backward()
+    assert rel_err(out.loss, ref_out.loss) <= 1e-5
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        assert rel_err(p.grad, p_ref.grad) <= 1e-4, name
+
+
 @pytest.fixture(autouse=True)
 def _clean_patch():
     yield
@@ -110,11 +119,7 @@ def test_training_steps_match_transformers(per_model):
         if not per_model:
             fce_hf.apply()
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        ref_out.loss.backward()
-        out.loss.backward()
-        assert rel_err(out.loss, ref_out.loss) <= 1e-5
-        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-            assert rel_err(p.grad, p_ref.grad) <= 1e-4, name
+        _backward_and_compare(out, ref_out, model, ref_model)
         ref_opt.step()
         opt.step()
         ref_opt.zero_grad()
@@ -217,11 +222,7 @@ def test_fused_linear_matches_transformers():
                         **kwargs)
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         assert out.logits is None
-        ref.loss.backward()
-        out.loss.backward()
-        assert rel_err(out.loss, ref.loss) <= 1e-5
-        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
-            assert rel_err(p.grad, p_ref.grad) <= 1e-4, name
+        _backward_and_compare(out, ref, model, ref_model)
         model.zero_grad()
         ref_model.zero_grad()
     # Without labels the model's own forward runs and returns logits.
