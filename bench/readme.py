@@ -113,6 +113,9 @@ def section() -> str:
         if plots:
             lines += ["", f"![{plots[0].stem}]({folder}/{plots[0].name})"]
         lines.append("")
+    if not any(json.loads(p.read_text())["meta"].get("device_type") == "cuda" for p in folders):
+        lines += ["No GPU results are committed yet: `bash scripts/gpu_validate.sh --full` on a "
+                  "CUDA machine produces them.", ""]
     lines.append(END)
     return "\n".join(lines)
 
