@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "duration_s": round(time.perf_counter() - started, 1),
         "timing": ("CUDA events, median (triton.testing.do_bench)" if device.type == "cuda"
-                   else "wall clock, median of 5 after 1 warm-up"),
+                   else "wall clock after 1 warm-up, median of 5 (cross-entropy cells) or 3 "
+                        "(fused linear cells)"),
         "memory": ("torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda"
                    else "peak resident set (VmHWM after clear_refs) above the resident set"),
         "skipped": skipped,

@@ -18,7 +18,7 @@ HEADLINE_MODES = ("fwd_bwd", "fwd")
 def _headline(results: list[dict]) -> tuple[str, int, list[dict]]:
     """The rows of the headline cells: bf16 if measured (else the first dtype), the largest token
     count, the forward+backward and forward-only modes."""
-    ok = [r for r in results if r["status"] == "ok"]
+    ok = [r for r in results if r["status"] == "ok" and r.get("hidden") is None]
     dtypes = [r["dtype"] for r in ok]
     dtype = "bfloat16" if "bfloat16" in dtypes else (dtypes[0] if dtypes else "")
     tokens = max((r["tokens"] for r in ok if r["dtype"] == dtype), default=0)
@@ -55,11 +55,14 @@ def section() -> str:
             f"{meta['copy_bandwidth_gbps']} GB/s. Timing: {meta['timing']}. Memory: "
             f"{meta['memory']}.",
             "",
-            f"{dtype}, {tokens} tokens. Each cell: median time, achieved bandwidth as % of copy "
-            "bandwidth (minimum bytes: logits read once, plus gradient written once with a "
-            "backward), peak memory above the inputs.",
-            "",
         ]
+        if rows:
+            lines += [
+                f"{dtype}, {tokens} tokens. Each cell: median time, achieved bandwidth as % of "
+                "copy bandwidth (minimum bytes: logits read once, plus gradient written once "
+                "with a backward), peak memory above the inputs.",
+                "",
+            ]
         vocabs = sorted({r["vocab"] for r in rows})
         for mode in HEADLINE_MODES:
             mode_rows = [r for r in rows if r["mode"] == mode]
@@ -108,8 +111,9 @@ def section() -> str:
                          + ".")
             lines.append("")
         plots = sorted(path.parent.glob("*.png"))
-        lines.append(f"Full table: [{folder}/results.md]({folder}/results.md); plots: "
-                     + ", ".join(f"[{p.name}]({folder}/{p.name})" for p in plots) + ".")
+        lines.append(f"Full table: [{folder}/results.md]({folder}/results.md)"
+                     + ("; plots: " + ", ".join(f"[{p.name}]({folder}/{p.name})" for p in plots)
+                        if plots else "") + ".")
         if plots:
             lines += ["", f"![{plots[0].stem}]({folder}/{plots[0].name})"]
         lines.append("")
