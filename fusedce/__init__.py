@@ -2,15 +2,23 @@
 
 ``cross_entropy`` and ``CrossEntropyLoss`` mirror PyTorch's function and module; the Triton
 kernels (``fusedce.kernels``) run for CUDA tensors, a PyTorch implementation with the same
-semantics (``fusedce.reference``) everywhere else.
+semantics (``fusedce.torch_impl``) everywhere else; ``fusedce.testing`` holds the float64 oracle
+the tests and benchmarks compare both against.
 """
 
 from .autograd import CrossEntropyFunction
-from .functional import CrossEntropyStats, cross_entropy, linear_cross_entropy, resolve_impl
+from .functional import (
+    CrossEntropyStats,
+    cross_entropy,
+    cross_entropy_dtensor,
+    linear_cross_entropy,
+    resolve_impl,
+)
 from .linear import LinearCrossEntropyFunction
 from .module import CrossEntropyLoss, LinearCrossEntropyLoss
+from .spec import LossSpec
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CrossEntropyFunction",
@@ -18,7 +26,9 @@ __all__ = [
     "CrossEntropyStats",
     "LinearCrossEntropyFunction",
     "LinearCrossEntropyLoss",
+    "LossSpec",
     "cross_entropy",
+    "cross_entropy_dtensor",
     "linear_cross_entropy",
     "resolve_impl",
     "__version__",

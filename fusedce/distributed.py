@@ -29,17 +29,11 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import reference
-from .autograd import (
-    Impl,
-    Reduction,
-    RowResults,
-    _ce_scale_grad_op,
-    finish,
-    reduction_scale,
-)
+from . import torch_impl
+from .autograd import math_dtype, refuse_double_backward
+from .passes import reduce_rows, reduction_scale, row_stats, run_pass, scale_grad_
+from .spec import LossSpec, RowStats, VocabSlice
 
 _INT32_MAX = 2**31 - 1
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -96,34 +90,72 @@ def vocab_layout(group, n_local: int, n_rows: int, dtype: torch.dtype,
     return layout
 
 
-def _transform(x: Tensor, logit_scale: float, softcap: float | None) -> Tensor:
-    return reference._transformed(x.float(), logit_scale, softcap, None)
+def _transform(x: Tensor, spec: LossSpec) -> Tensor:
+    z = x.to(math_dtype(x, spec))
+    if spec.has_scale:
+        z = z * spec.logit_scale
+    if spec.has_softcap:
+        z = spec.softcap * torch.tanh(z / spec.softcap)
+    return z
+
+
+def _merged_stats(input: Tensor, target: Tensor, w_local: Tensor | None, spec: LossSpec,
+                  layout: VocabLayout, group) -> tuple[RowStats, Tensor]:
+    """Steps 1-4: this rank's partials, merged over the group.  Returns the merged statistics
+    (their weighted sums relative to the merged max) and each row's transformed target logit."""
+    start, n_local = layout.vocab_start, layout.n_local
+    stats = row_stats(input, target, w_local, spec)
+    pm, pd, psz = stats.partials
+    local_max = pm.amax(dim=1)
+    local_sum = (pd * torch.exp(pm - local_max.unsqueeze(1))).sum(dim=1)
+    local_wz = psz.sum(dim=1)
+    if spec.has_smoothing:
+        # The partials' weighted sums are relative to this rank's reference logit (its first
+        # column, when finite); move them to the global max once it is known (below).
+        z0 = _transform(input[:, 0], spec)
+        ref = torch.where(torch.isfinite(z0), z0, 0.0)
+        w_total = w_local.sum() if w_local is not None else float(n_local)
+    local_t = target - start
+    owned = (local_t >= 0) & (local_t < n_local) & (target != spec.ignore_index)
+    safe = torch.where(owned, local_t, 0).unsqueeze(1)
+    z_t = torch.where(owned, _transform(input.gather(1, safe).squeeze(1), spec), 0.0)
+
+    # 2-4. Per-token collectives.
+    row_max = local_max.clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    if spec.has_smoothing:
+        counted = target != spec.ignore_index
+        local_wz = torch.where(counted, local_wz + w_total * (ref - row_max), 0.0)
+    packed = torch.stack([local_sum * torch.exp(local_max - row_max), local_wz,
+                          z_t.to(local_sum.dtype)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    argmax = torch.empty(0, dtype=torch.int32, device=input.device)
+    if spec.return_stats:
+        first_local = torch.where(pm == local_max.unsqueeze(1), stats.argmax.long(),
+                                  _INT32_MAX).amin(dim=1)
+        first = torch.where((local_max == row_max) & (first_local < _INT32_MAX),
+                            first_local + start, _INT32_MAX)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+        argmax = first.to(torch.int32).unsqueeze(1)
+    merged = torch.stack([row_max, packed[0], packed[1]]).unsqueeze(2).contiguous()
+    return RowStats(merged, argmax), packed[2].contiguous()
 
 
 def vocab_parallel_forward(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    ignore_index: int,
-    reduction: Reduction,
-    label_smoothing: float,
-    impl: Impl,
+    num_items_in_batch,
+    spec: LossSpec,
     group,
     *,
     compute_grad: bool,
-    inplace: bool,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    lse_square_scale: float = 0.0,
-    num_items_in_batch: Tensor | int | None = None,
-    compute_accuracy: bool = False,
-    out_dtype: torch.dtype | None = None,
-):
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor | None]:
     """The module docstring's steps 1-5.  ``input`` is this rank's (N, C_local) slice,
-    ``target`` (N,) global ids, ``weight`` the full (C,) float32 weights or None.
+    ``target`` (N,) int64 global ids, ``weight`` the full (C,) weights (math dtype) or None.
 
     Returns:
-        (CrossEntropyOutputs, grad of this rank's slice or None).
+        ((loss, lse, z_loss, accuracy), grad of this rank's slice or None).
     """
     n_rows, n_local = input.shape
     layout = vocab_layout(group, n_local, n_rows, input.dtype, input.device)
@@ -134,70 +166,25 @@ def vocab_parallel_forward(
             f"slices {list(layout.sizes)} add up to that), got {weight.shape[0]}"
         )
     w_local = weight[start:start + n_local].contiguous() if weight is not None else None
-    if impl == "torch":
-        reference.check_targets(target, n_classes, ignore_index)  # the same on every rank
-    options = dict(logit_scale=logit_scale, softcap=softcap, compute_accuracy=compute_accuracy)
+    if spec.impl == "torch":
+        torch_impl.check_targets(target, n_classes, spec.ignore_index)  # the same on every rank
 
-    # 1. Local partial statistics, merged over this rank's chunks.
-    if impl == "triton":
-        from .kernels import ce_row_stats
-
-        st = ce_row_stats(input, target, w_local, ignore_index, label_smoothing, **options)
-        stats = (st.max, st.sumexp, st.weighted_sum, st.argmax)
-    else:
-        stats = reference.row_stats_torch(input, target, w_local, ignore_index,
-                                          label_smoothing, **options)
-    local_max = stats[0].amax(dim=1)
-    local_sum = (stats[1] * torch.exp(stats[0] - local_max.unsqueeze(1))).sum(dim=1)
-    local_wz = stats[2].sum(dim=1)
-    local_t = target.long() - start
-    owned = (local_t >= 0) & (local_t < n_local) & (target != ignore_index)
-    safe = torch.where(owned, local_t, 0).unsqueeze(1)
-    z_t = torch.where(owned, _transform(input.gather(1, safe).squeeze(1), logit_scale, softcap),
-                      0.0)
-
-    # 2-4. Per-token collectives.
-    row_max = local_max.clone()
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    packed = torch.stack([local_sum * torch.exp(local_max - row_max), local_wz, z_t])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    argmax = None
-    if compute_accuracy:
-        first_local = torch.where(stats[0] == local_max.unsqueeze(1), stats[3].long(),
-                                  _INT32_MAX).amin(dim=1)
-        argmax = torch.where((local_max == row_max) & (first_local < _INT32_MAX),
-                             first_local + start, _INT32_MAX)
-        dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=group)
-        argmax = argmax.unsqueeze(1)
-    merged = (row_max.unsqueeze(1), packed[0].unsqueeze(1), packed[1].unsqueeze(1), argmax)
+    merged, target_logit = _merged_stats(input, target, w_local, spec, layout, group)
 
     # 5. Loss and this slice's gradient.
-    scale = reduction_scale(target, weight, ignore_index, reduction, n_classes,
-                            num_items_in_batch)
+    scale = reduction_scale(target, weight, spec, n_classes, num_items_in_batch,
+                            math_dtype(input, spec))
     grad = None
     if compute_grad:
-        grad = input.detach() if inplace else torch.empty(
+        grad = input.detach() if spec.inplace_backward else torch.empty(
             input.shape, dtype=input.dtype, device=input.device)
-    vp = dict(vocab_start=start, n_classes=n_classes, target_logit=packed[2].contiguous(),
-              target_weight=(weight[target.long().clamp(0, n_classes - 1)].contiguous()
-                             if weight is not None else None),
-              logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale,
-              compute_accuracy=compute_accuracy)
-    weight_sum = weight.sum().reshape(1) if weight is not None else None
-    if impl == "triton":
-        from .kernels import RowStats, ce_fwd
-
-        out = ce_fwd(input, target, w_local, weight_sum, scale, ignore_index, label_smoothing,
-                     grad, row_stats=RowStats(*merged), **vp)
-    else:
-        out = reference.ce_fwd_torch(input, target, w_local, weight_sum, scale, ignore_index,
-                                     label_smoothing, grad, row_stats=merged, **vp)
-    loss, lse, z_rows, correct = out
-    rows = RowResults(loss, lse, z_rows if z_rows is not None else loss.new_empty(0),
-                      correct if correct is not None else loss.new_empty(0))
-    outputs = finish(rows, target, ignore_index, reduction, scale, out_dtype or input.dtype,
-                     lse_square_scale != 0.0, compute_accuracy)
-    if grad is not None and inplace:
+    vocab = VocabSlice(start, n_classes, target_logit,
+                       weight[target.clamp(0, n_classes - 1)].contiguous()
+                       if weight is not None else None)
+    rows = run_pass(input, target, w_local, scale, spec, grad, row_stats=merged, vocab=vocab,
+                    weight_sum=weight.sum().reshape(1) if weight is not None else None)
+    outputs = reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
+    if grad is not None and spec.inplace_backward:
         torch.autograd.graph.increment_version(input)
     return outputs, grad
 
@@ -205,27 +192,20 @@ def vocab_parallel_forward(
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Autograd for ``vocab_parallel_forward``: the forward writes this rank's slice of the
     gradient; the backward applies ``grad_output``.  ``apply(input, target, weight,
-    ignore_index, reduction, label_smoothing, impl, inplace_backward, group, logit_scale,
-    softcap, lse_square_scale, num_items_in_batch, compute_accuracy, out_dtype)`` returns
-    ``(loss, lse, z_loss, accuracy)``; only ``loss`` is differentiable."""
+    num_items_in_batch, spec, group)`` returns ``(loss, lse, z_loss, accuracy)``; only ``loss``
+    is differentiable."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, impl,
-                inplace_backward, group, logit_scale, softcap, lse_square_scale,
-                num_items_in_batch, compute_accuracy, out_dtype):
-        outputs, grad = vocab_parallel_forward(
-            input, target, weight, ignore_index, reduction, label_smoothing, impl, group,
-            compute_grad=ctx.needs_input_grad[0], inplace=inplace_backward,
-            logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale,
-            num_items_in_batch=num_items_in_batch, compute_accuracy=compute_accuracy,
-            out_dtype=out_dtype)
+    def forward(ctx, input, target, weight, num_items_in_batch, spec, group):
+        outputs, grad = vocab_parallel_forward(input, target, weight, num_items_in_batch, spec,
+                                               group, compute_grad=ctx.needs_input_grad[0])
         ctx.mark_non_differentiable(*outputs[1:])
-        ctx.grad, ctx.impl = grad, impl  # an attribute: it may alias the input on purpose
-        return tuple(outputs)
+        ctx.grad, ctx.spec = grad, spec  # an attribute: it may alias the input on purpose
+        return outputs
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, *unused):
+        refuse_double_backward("fusedce.cross_entropy (vocabulary-parallel)")
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
@@ -233,31 +213,18 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 "gradient in place, so retain_graph=True is not supported"
             )
         ctx.grad = None
-        _ce_scale_grad_op(grad, grad_output, ctx.impl)
-        return (grad,) + (None,) * 14
+        scale_grad_(grad, grad_output, ctx.spec)
+        return (grad, None, None, None, None, None)
 
 
-def cross_entropy_dtensor(logits, target: Tensor, **kwargs) -> Tensor:
-    """Cross-entropy of a DTensor of logits sharded on the vocabulary (``Shard(-1)`` on a 1-D
-    device mesh, as tensor-parallel ``ColwiseParallel`` produces for an LM head).
-
-    ``target`` is a plain tensor of global class ids (the same on every rank).  The result is a
-    plain tensor, the same on every rank; the gradient flows back into ``logits`` as a DTensor
-    with its placement.  Other keywords are those of ``fusedce.cross_entropy``.
-    """
-    from torch.distributed.tensor import DTensor, Shard
-
-    from .functional import cross_entropy
-
-    if not isinstance(logits, DTensor):
-        raise TypeError(f"logits must be a DTensor, got {type(logits).__name__}")
-    mesh = logits.device_mesh
-    placements = logits.placements
-    if mesh.ndim != 1 or len(placements) != 1 or not (
-        isinstance(placements[0], Shard) and placements[0].dim in (-1, logits.dim() - 1)
-    ):
-        raise ValueError(
-            f"logits must be sharded on their last dimension over a 1-D mesh (Shard(-1)); got "
-            f"placements {placements} on a {mesh.ndim}-D mesh"
-        )
-    return cross_entropy(logits.to_local(), target, process_group=mesh.get_group(), **kwargs)
+def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
+                                 num_items_in_batch, spec: LossSpec, group, wants_grad: bool):
+    """``fusedce.cross_entropy(..., process_group=group)`` after its checks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group given but torch.distributed is not initialized")
+    if wants_grad:
+        return VocabParallelCrossEntropyFunction.apply(input, target, weight,
+                                                       num_items_in_batch, spec, group)
+    outputs, _ = vocab_parallel_forward(input, target, weight, num_items_in_batch, spec, group,
+                                        compute_grad=False)
+    return outputs

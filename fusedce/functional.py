@@ -1,21 +1,30 @@
-"""``fusedce.cross_entropy``: argument checking, layout handling and the choice of implementation."""
+"""``fusedce.cross_entropy`` and ``fusedce.linear_cross_entropy``: the public functions.
+
+They check their arguments once (``fusedce.checks``), freeze the options into a ``LossSpec``,
+bring the logits and targets to the layout every implementation takes ((N, C) logits with a unit
+column stride, (N,) int64 targets), and hand over to the autograd Functions.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import CrossEntropyFunction, cross_entropy_forward
+from . import checks, distributed, linear
+from .autograd import CrossEntropyFunction, math_dtype
+from .checks import resolve_impl
+from .passes import forward_pass, reduce_rows, reduction_scale
+from .spec import LossSpec
 
 ImplChoice = Literal["auto", "triton", "torch"]
 
 
 class CrossEntropyStats(NamedTuple):
-    """Training statistics computed in the same pass as the loss (float32, no gradient).
+    """Training statistics computed in the same pass as the loss (float32, or float64 for
+    float64 logits; no gradient).
 
     ``lse``: the log-sum-exp of each row's (scaled, capped) logits, the target's shape, 0 where
     the target is ignored.  ``z_loss``: the z-loss part of the loss, reduced like the loss (0 when
@@ -26,107 +35,46 @@ class CrossEntropyStats(NamedTuple):
     lse: Tensor
     z_loss: Tensor
     accuracy: Tensor
-_REDUCTIONS = ("none", "mean", "sum")
-_IMPLS = ("auto", "triton", "torch")
 
 
-def _kernels_runnable_on(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton kernels can run on tensors of ``device``, and if not, why."""
-    try:
-        from .kernels import INTERPRETED
-    except ImportError as exc:  # Triton missing or broken
-        return False, f"Triton could not be imported ({exc})"
-    if device.type == "cuda":
-        return True, ""
-    if device.type == "cpu" and INTERPRETED:
-        return True, ""
-    if device.type == "cpu":
-        return False, (
-            "the tensors are on the CPU; set TRITON_INTERPRET=1 before fusedce.kernels is "
-            "imported to run the kernels in Triton's interpreter, or use impl='torch'"
-        )
-    return False, f"the Triton kernels do not run on {device.type} tensors"
-
-
-def resolve_impl(impl: ImplChoice, device: torch.device) -> Literal["triton", "torch"]:
-    """Map ``impl`` to the implementation that will run on tensors of ``device``.
-
-    ``"auto"`` runs the Triton kernels for CUDA tensors (when Triton imports) and PyTorch
-    otherwise; ``"triton"`` insists on the kernels; ``"torch"`` forces the PyTorch fallback.
-    """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "torch":
-        return "torch"
-    runnable, why = _kernels_runnable_on(device)
-    if impl == "triton":
-        if not runnable:
-            raise RuntimeError(f"impl='triton' cannot run: {why}")
-        return "triton"
-    return "triton" if device.type == "cuda" and runnable else "torch"
-
-
-def _check_common(
-    input: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float,
-    sliced: bool = False,
-) -> None:
-    """``sliced``: the input holds a slice of the vocabulary, so ``weight`` (the whole
-    vocabulary's) is checked against the ranks' slices later."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must hold floating-point logits, got dtype {input.dtype}")
-    if input.dim() == 0:
-        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    _check_loss_options(None if sliced else n_classes, input.device, weight, reduction,
-                        label_smoothing)
-
-
-def _check_loss_options(
-    n_classes: int | None, device: torch.device, weight: Tensor | None, reduction: str,
-    label_smoothing: float,
-) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if weight is not None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-        if weight.dim() != 1 or (n_classes is not None and weight.shape[0] != n_classes):
-            raise ValueError(
-                f"weight must have shape ({n_classes},), one value per class, "
-                f"got {tuple(weight.shape)}"
-            )
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating-point, got dtype {weight.dtype}")
-        if weight.device != device:
-            raise ValueError(f"weight is on {weight.device} but input is on {device}")
-
-
-def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"target must hold integer class indices, got dtype {target.dtype} with shape "
-            f"{tuple(target.shape)} (class probabilities must have the input's shape "
-            f"{tuple(input.shape)})"
-        )
-    if input.dim() == 1:
-        expected = ()
-    else:
-        expected = (input.shape[0],) + tuple(input.shape[2:])
-    if tuple(target.shape) != expected:
+def _probability_loss(input, target, weight, ignore_index, reduction, label_smoothing,
+                      extras_used: bool) -> Tensor:
+    """Class probabilities: PyTorch's own implementation, with PyTorch's semantics."""
+    if extras_used:
         raise ValueError(
-            f"target shape {tuple(target.shape)} does not match input shape "
-            f"{tuple(input.shape)}: expected {expected}"
+            "logit_scale, softcap, lse_square_scale, num_items_in_batch, return_stats, "
+            "out_dtype, inplace_backward and process_group need class-index targets; got "
+            "class probabilities"
         )
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if weight is not None:
+        weight = weight.to(input.dtype)
+    return F.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=float(label_smoothing))
+
+
+def _as_rows(input: Tensor, n_classes: int) -> Tensor:
+    """(N, C) logits with a unit column stride: a view of ``input`` where one exists."""
+    if input.dim() == 1:
+        logits = input.unsqueeze(0)
+    elif input.dim() == 2:
+        logits = input
+    else:
+        logits = input.movedim(1, -1).reshape(-1, n_classes)
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _finish(outputs, spec: LossSpec, shape: torch.Size):
+    """Reshape the Function's outputs to the target's shape; build the statistics."""
+    loss, lse, z_loss, accuracy = outputs
+    if spec.reduction == "none":
+        loss = loss.reshape(shape)
+    if not spec.return_stats:
+        return loss
+    if not spec.has_z_loss:
+        z_loss = torch.zeros(loss.shape, dtype=lse.dtype, device=loss.device)
+    elif spec.reduction == "none":
+        z_loss = z_loss.reshape(shape)
+    return loss, CrossEntropyStats(lse.reshape(shape), z_loss, accuracy)
 
 
 def cross_entropy(
@@ -150,28 +98,32 @@ def cross_entropy(
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
 
     The loss and the gradient of the logits are computed in one pass over the logits (float32
-    arithmetic for every input dtype); the backward only applies ``grad_output``.
+    arithmetic for 16- and 32-bit logits, float64 for float64); the backward only applies
+    ``grad_output`` (for ``reduction="none"`` it makes one more pass that writes the gradient
+    with the per-token ``grad_output`` folded in).
 
     Args:
-        input: (N, C) or (C,) logits, float32/bfloat16/float16.  (N, C, d1, ...) is accepted too
-            and moved to (N * d1 * ..., C) (a copy).  A row stride other than C (a column slice of
-            a wider tensor, padded rows) is read in place.
+        input: (N, C) or (C,) logits, float32/bfloat16/float16/float64.  (N, C, d1, ...) is
+            accepted too and moved to (N * d1 * ..., C) (a copy).  A row stride other than C
+            (a column slice of a wider tensor, a row slice, padded rows) is read in place.
         target: (N,) (or (), or (N, d1, ...)) integer class indices in [0, C) or
-            ``ignore_index``.  Floating-point targets of the input's shape are class
-            probabilities and are handed to ``torch.nn.functional.cross_entropy`` unchanged.
-        weight: (C,) class weights, or None.
+            ``ignore_index``, of any integer dtype (compared with ``ignore_index`` as int64).
+            Floating-point targets of the input's shape are class probabilities and are handed
+            to ``torch.nn.functional.cross_entropy`` unchanged.
+        weight: (C,) class weights, or None.  It gets no gradient (must not require grad).
         ignore_index: target value that contributes neither loss nor gradient.  Any int,
             including a class id such as a pad id of 0.
         reduction: ``"none"`` (one loss per target), ``"mean"`` (sum over counted targets
             divided by the sum of their weights) or ``"sum"``.
         label_smoothing: in [0, 1], PyTorch's definition.
-        impl: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch otherwise), ``"triton"`` or
-            ``"torch"``.
-        inplace_backward: write the gradient into ``input``'s storage during the forward, so no
-            logits-sized buffer is allocated.  The logits are consumed: after the call ``input``
-            holds the gradient (before ``grad_output`` is applied), and reading it as logits is
-            an error autograd reports if another operation saved it.  Only when a gradient is
-            computed; without one ``input`` is left untouched.
+        impl: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch otherwise and for float64),
+            ``"triton"`` or ``"torch"``.
+        inplace_backward: write the gradient into ``input``'s storage, so no logits-sized
+            buffer is allocated.  The logits are consumed: after the forward (after the
+            backward for ``reduction="none"``) ``input`` holds the gradient.  Refused with an
+            error, before anything is written, for a leaf tensor that requires grad or a view of
+            one, and for logits whose rows overlap in memory.  Only when a gradient is computed;
+            without one ``input`` is left untouched.
         logit_scale: multiply the logits by this (> 0) first (Cohere/Granite-style scaling).
         softcap: then cap them to ``softcap * tanh(logits / softcap)`` (Gemma-2 style), or None.
         lse_square_scale: z-loss: add ``lse_square_scale * lse**2`` per counted target (times
@@ -179,11 +131,12 @@ def cross_entropy(
         num_items_in_batch: with ``reduction="mean"``, divide the summed loss by this instead of
             by the number (or weight) of counted targets: the number of real tokens over all
             micro-batches of a gradient-accumulation step, as transformers' Trainer passes it.
-            A tensor stays on its device (no host synchronisation).
+            A number or a CPU tensor is checked to be positive; a tensor on the input's device is
+            never read on the host (no synchronisation) and so not checked.
         return_stats: also return a ``CrossEntropyStats`` (log-sum-exp, z-loss, token
             accuracy), computed in the same pass over the logits.
         out_dtype: dtype of the returned loss, e.g. ``torch.float32`` for bf16 logits (the loss
-            is always computed in float32; the default returns the input's dtype, as PyTorch).
+            is always computed in float32 or better; the default returns the input's dtype).
         process_group: a ``torch.distributed`` group whose ranks each hold a contiguous slice
             of the vocabulary (in rank order, sizes may differ): ``input`` is this rank's
             slice of the logits, ``target`` the global class ids, ``weight`` the full weight
@@ -194,134 +147,79 @@ def cross_entropy(
         The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
         ``none``; with ``return_stats``, ``(loss, stats)``.
 
-    Differences from PyTorch: with ``reduction="mean"`` a batch in which no target counts (all
-    ignored, or empty) gives loss 0 and a zero gradient instead of NaN; rows whose target is
-    ignored get an exactly zero gradient even when their logits are not finite.
+    Differences from PyTorch: with ``reduction="mean"`` a batch whose denominator is 0 (no
+    target counts, an empty batch, or class weights of the counted targets adding up to 0)
+    gives loss 0 and a zero gradient instead of NaN or inf; rows whose target is ignored get an
+    exactly zero gradient even when their logits are not finite; no double backward.
     """
-    _check_common(input, weight, reduction, label_smoothing, sliced=process_group is not None)
-    _check_extras(reduction, logit_scale, softcap, lse_square_scale, num_items_in_batch,
-                  out_dtype)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    n_classes = checks.check_logits(input, sliced=process_group is not None)
+    checks.check_tensor("target", target)
     extras_used = (logit_scale != 1.0 or softcap is not None or lse_square_scale != 0.0
                    or num_items_in_batch is not None or return_stats or out_dtype is not None
-                   or process_group is not None)
+                   or process_group is not None or inplace_backward)
     if target.is_floating_point() and target.shape == input.shape:
-        if extras_used:
-            raise ValueError(
-                "logit_scale, softcap, lse_square_scale, num_items_in_batch, return_stats, "
-                "out_dtype and process_group need class-index targets; got class probabilities"
-            )
-        # Class probabilities: PyTorch's own implementation, with PyTorch's semantics.
-        if weight is not None:
-            weight = weight.to(input.dtype)
-        return F.cross_entropy(
-            input,
-            target,
-            weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=float(label_smoothing),
-        )
-    _check_class_target(input, target, ignore_index)
-    chosen = resolve_impl(impl, input.device)
+        checks.check_options(reduction=reduction, label_smoothing=label_smoothing,
+                             ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                             lse_square_scale=lse_square_scale, out_dtype=out_dtype)
+        checks.check_weight(weight, n_classes, input.device)
+        return _probability_loss(input, target, weight, ignore_index, reduction,
+                                 label_smoothing, extras_used)
+    checks.check_class_target(input, target)
+    checks.check_weight(weight, None if process_group is not None else n_classes, input.device)
+    spec = checks.make_spec(
+        reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale,
+        return_stats=return_stats, impl=resolve_impl(impl, input.device, input.dtype),
+        inplace_backward=inplace_backward, out_dtype=out_dtype)
+    num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
+    return _cross_entropy(input, target, weight, num_items, spec, n_classes, process_group)
 
-    out_shape = target.shape
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if input.dim() == 1:
-        logits = input.unsqueeze(0)
-    elif input.dim() == 2:
-        logits = input
-    else:
-        logits = input.movedim(1, -1).reshape(-1, n_classes)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    flat_target = target.reshape(-1).contiguous()
+
+def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, num_items,
+                   spec: LossSpec, n_classes: int, process_group) -> Tensor | tuple:
+    """``cross_entropy`` after its checks: layouts, then the Function (or a plain pass)."""
+    logits = _as_rows(input, n_classes)
+    wants_grad = torch.is_grad_enabled() and input.requires_grad
+    if spec.inplace_backward and wants_grad:
+        checks.check_inplace_target(input, logits)
+    flat_target = target.reshape(-1).to(torch.int64)
     if weight is not None:
-        weight = weight.to(torch.float32).contiguous()
-
-    extras = (float(logit_scale), None if softcap is None else float(softcap),
-              float(lse_square_scale), num_items_in_batch, bool(return_stats), out_dtype)
+        weight = weight.detach().to(math_dtype(logits, spec)).contiguous()
     if process_group is not None:
-        from .distributed import VocabParallelCrossEntropyFunction, vocab_parallel_forward
-
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise RuntimeError("process_group given but torch.distributed is not initialized")
-        if torch.is_grad_enabled() and input.requires_grad:
-            loss, lse, z_loss, accuracy = VocabParallelCrossEntropyFunction.apply(
-                logits, flat_target, weight, ignore_index, reduction, float(label_smoothing),
-                chosen, bool(inplace_backward), process_group, *extras[:4], extras[4],
-                out_dtype)
-        else:
-            (loss, lse, z_loss, accuracy), _ = vocab_parallel_forward(
-                logits, flat_target, weight, ignore_index, reduction, float(label_smoothing),
-                chosen, process_group, compute_grad=False, inplace=False,
-                logit_scale=extras[0], softcap=extras[1], lse_square_scale=extras[2],
-                num_items_in_batch=extras[3], compute_accuracy=extras[4], out_dtype=out_dtype)
-    elif torch.is_grad_enabled() and input.requires_grad:
-        loss, lse, z_loss, accuracy = CrossEntropyFunction.apply(
-            logits, flat_target, weight, ignore_index, reduction, float(label_smoothing), chosen,
-            bool(inplace_backward), None, None, *extras,
-        )
+        outputs = distributed.vocab_parallel_cross_entropy(
+            logits, flat_target, weight, num_items, spec, process_group, wants_grad)
+    elif wants_grad:
+        outputs = CrossEntropyFunction.apply(logits, flat_target, weight, num_items, spec)
     else:
-        (loss, lse, z_loss, accuracy), _ = cross_entropy_forward(
-            logits, flat_target, weight, ignore_index, reduction, float(label_smoothing), chosen,
-            logit_scale=extras[0], softcap=extras[1], lse_square_scale=extras[2],
-            num_items_in_batch=extras[3], compute_accuracy=extras[4], out_dtype=out_dtype,
+        scale = reduction_scale(flat_target, weight, spec, n_classes, num_items,
+                                math_dtype(logits, spec))
+        rows, _, _ = forward_pass(logits, flat_target, weight, scale, spec, compute_grad=False)
+        outputs = reduce_rows(rows, flat_target, spec, scale, spec.out_dtype or logits.dtype)
+    return _finish(outputs, spec, target.shape)
+
+
+def cross_entropy_dtensor(logits, target: Tensor, **kwargs) -> Tensor:
+    """Cross-entropy of a DTensor of logits sharded on the vocabulary (``Shard(-1)`` on a 1-D
+    device mesh, as tensor-parallel ``ColwiseParallel`` produces for an LM head).
+
+    ``target`` is a plain tensor of global class ids (the same on every rank).  The result is a
+    plain tensor, the same on every rank; the gradient flows back into ``logits`` as a DTensor
+    with its placement.  Other keywords are those of ``fusedce.cross_entropy``.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(logits, DTensor):
+        raise TypeError(f"logits must be a DTensor, got {type(logits).__name__}")
+    mesh = logits.device_mesh
+    placements = logits.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not (
+        isinstance(placements[0], Shard) and placements[0].dim in (-1, logits.dim() - 1)
+    ):
+        raise ValueError(
+            f"logits must be sharded on their last dimension over a 1-D mesh (Shard(-1)); got "
+            f"placements {placements} on a {mesh.ndim}-D mesh"
         )
-    if reduction == "none":
-        loss = loss.reshape(out_shape)
-    if not return_stats:
-        return loss
-    if lse_square_scale == 0.0:
-        z_loss = torch.zeros(loss.shape, dtype=torch.float32, device=loss.device)
-    elif reduction == "none":
-        z_loss = z_loss.reshape(out_shape)
-    return loss, CrossEntropyStats(lse.reshape(out_shape), z_loss, accuracy)
-
-
-def _check_extras(
-    reduction: str,
-    logit_scale: float,
-    softcap: float | None,
-    lse_square_scale: float,
-    num_items_in_batch: int | Tensor | None,
-    out_dtype: torch.dtype | None,
-) -> None:
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
-                                      and out_dtype.is_floating_point):
-        raise TypeError(f"out_dtype must be a floating-point torch.dtype, got {out_dtype!r}")
-    if not isinstance(logit_scale, (int, float)) or not (
-        math.isfinite(logit_scale) and logit_scale > 0
-    ):
-        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
-    if softcap is not None and not (
-        isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0
-    ):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not isinstance(lse_square_scale, (int, float)) or not (
-        math.isfinite(lse_square_scale) and lse_square_scale >= 0
-    ):
-        raise ValueError(f"lse_square_scale must be a finite number >= 0, got {lse_square_scale!r}")
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError(
-                "num_items_in_batch replaces the denominator of reduction='mean'; got "
-                f"reduction={reduction!r}"
-            )
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(
-                    "num_items_in_batch must hold one number, got shape "
-                    f"{tuple(num_items_in_batch.shape)}"
-                )
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
-            raise TypeError(
-                "num_items_in_batch must be an int, a one-element tensor or None, got "
-                f"{type(num_items_in_batch).__name__}"
-            )
-        elif num_items_in_batch <= 0:
-            raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+    return cross_entropy(logits.to_local(), target, process_group=mesh.get_group(), **kwargs)
 
 
 def linear_cross_entropy(
@@ -339,99 +237,71 @@ def linear_cross_entropy(
     lse_square_scale: float = 0.0,
     num_items_in_batch: int | Tensor | None = None,
     return_stats: bool = False,
+    out_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     impl: ImplChoice = "auto",
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
     The same result as ``fusedce.cross_entropy(F.linear(input, linear_weight, linear_bias),
-    target, weight, ...)``, with PyTorch's ``F.linear_cross_entropy`` argument names and order.
-    Tokens are processed ``chunk_size`` rows at a time; the gradients of ``input``,
-    ``linear_weight`` (accumulated in float32 for 16-bit weights) and ``linear_bias`` are made
-    during the forward, and the backward only scales them by ``grad_output``.
+    target, weight, ...)``, with PyTorch's ``F.linear_cross_entropy`` argument names and order,
+    computed more accurately for 16-bit inputs: each chunk's logits are made in float32 (a
+    16-bit product with float32 output, the bias added in float32), so no logit is rounded to 16
+    bits before the loss.  Tokens are processed ``chunk_size`` rows at a time; the gradients of
+    ``input``, ``linear_weight`` (accumulated in float32 for 16-bit weights) and ``linear_bias``
+    are made during the forward, and the backward only scales them by ``grad_output``.
 
     Args:
-        input: (N, H) or (..., H) hidden states, float32/bfloat16/float16.
+        input: (N, H) or (..., H) hidden states, float32/bfloat16/float16/float64.
         linear_weight: (C, H) output projection, the input's dtype.
-        target: (N,) (or the input's leading shape) integer class indices.
+        target: (N,) (or the input's leading shape) integer class indices; or class
+            probabilities of shape (..., C), floating point, which are computed unfused by
+            ``torch.nn.functional.cross_entropy`` (the targets are as large as the logits).
         linear_bias: (C,) or None.
         weight: (C,) class weights, or None.
         reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale,
         num_items_in_batch, return_stats, impl: as in ``fusedce.cross_entropy``.
+        out_dtype: dtype of the returned loss (default: the input's), e.g. ``torch.float32``.
         chunk_size: rows per chunk; None picks logits about the size of ``input`` (at least
             8 Mi elements, at most 1/8 of free GPU memory).
 
     Returns:
-        The loss in the input's dtype (the target's shape for ``none``); with ``return_stats``,
+        The loss (the target's shape for ``none``); with ``return_stats``,
         ``(loss, CrossEntropyStats)``.
     """
-    from .linear import default_chunk_size, linear_cross_entropy_outputs
-
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if input.dim() < 1 or not input.is_floating_point():
-        raise TypeError(
-            f"input must be floating-point hidden states of shape (N, H), got dtype {input.dtype}"
-            f" and shape {tuple(input.shape)}"
-        )
-    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
-        raise ValueError(
-            f"linear_weight must have shape (C, {input.shape[-1]}) for input of shape "
-            f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}"
-        )
-    if linear_weight.dtype != input.dtype:
-        raise TypeError(
-            f"linear_weight dtype {linear_weight.dtype} differs from input dtype {input.dtype}"
-        )
-    n_classes = linear_weight.shape[0]
-    if linear_bias is not None and (
-        not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (n_classes,)
-        or linear_bias.dtype != input.dtype
-    ):
-        raise ValueError(
-            f"linear_bias must be a ({n_classes},) tensor of dtype {input.dtype}, got "
-            f"{getattr(linear_bias, 'shape', linear_bias)!r}"
-        )
-    for name, t in (("linear_weight", linear_weight), ("target", target),
-                    ("linear_bias", linear_bias), ("weight", weight)):
-        if t is not None and isinstance(t, Tensor) and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match input shape "
-            f"{tuple(input.shape)}: expected {tuple(input.shape[:-1])}"
-        )
-    _check_loss_options(n_classes, input.device, weight, reduction, label_smoothing)
-    _check_extras(reduction, logit_scale, softcap, lse_square_scale, num_items_in_batch, None)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    n_classes = linear.check_linear_inputs(input, linear_weight, linear_bias)
+    checks.check_tensor("target", target)
+    if target.is_floating_point() and tuple(target.shape) == tuple(input.shape[:-1]) + (
+            n_classes,):
+        checks.check_options(reduction=reduction, label_smoothing=label_smoothing,
+                             ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                             lse_square_scale=lse_square_scale, out_dtype=out_dtype)
+        checks.check_weight(weight, n_classes, input.device)
+        extras_used = (logit_scale != 1.0 or softcap is not None or lse_square_scale != 0.0
+                       or num_items_in_batch is not None or return_stats)
+        loss = _probability_loss(F.linear(input, linear_weight, linear_bias), target, weight,
+                                 ignore_index, reduction, label_smoothing, extras_used)
+        return loss.to(out_dtype) if out_dtype is not None else loss
+    checks.check_class_target(input, target, class_dim=None)
+    checks.check_weight(weight, n_classes, input.device)
+    if chunk_size is not None and (not checks._is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    chosen = resolve_impl(impl, input.device)
-
+    spec = checks.make_spec(
+        reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale,
+        return_stats=return_stats, impl=resolve_impl(impl, input.device, input.dtype),
+        inplace_backward=False, out_dtype=out_dtype)
+    num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
     x = input.reshape(-1, input.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
-    flat_target = target.reshape(-1).contiguous()
     if weight is not None:
-        weight = weight.to(torch.float32).contiguous()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(x.shape[0], n_classes, x.shape[1], x.element_size(),
-                                        x.device)
-    loss, lse, z_loss, accuracy = linear_cross_entropy_outputs(
-        x, linear_weight, flat_target, linear_bias, weight, ignore_index, reduction,
-        float(label_smoothing), float(logit_scale), None if softcap is None else float(softcap),
-        float(lse_square_scale), num_items_in_batch, bool(return_stats), chunk_size, chosen,
-    )
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    if not return_stats:
-        return loss
-    if lse_square_scale == 0.0:
-        z_loss = torch.zeros(loss.shape, dtype=torch.float32, device=loss.device)
-    elif reduction == "none":
-        z_loss = z_loss.reshape(target.shape)
-    return loss, CrossEntropyStats(lse.reshape(target.shape), z_loss, accuracy)
+        weight = weight.detach().to(math_dtype(x, spec)).contiguous()
+    outputs = linear.linear_cross_entropy_outputs(
+        x, linear_weight, target.reshape(-1).to(torch.int64), linear_bias, weight, num_items,
+        spec, chunk_size)
+    return _finish(outputs, spec, target.shape)
+
+
+__all__ = ["CrossEntropyStats", "cross_entropy", "cross_entropy_dtensor",
+           "linear_cross_entropy", "resolve_impl"]

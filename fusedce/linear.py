@@ -2,67 +2,126 @@
 the logits.
 
 Tokens are processed in chunks.  For each chunk the logits are made with one matrix product into
-a reused chunk buffer, the cross-entropy pass (Triton kernel or PyTorch implementation) turns
+a reused float32 chunk buffer (a 16-bit product with a float32 result, so no logit is rounded to
+16 bits before the loss), the cross-entropy pass (Triton kernel or PyTorch implementation) turns
 them into per-row losses and overwrites them with their gradient, and that gradient immediately
-gives the chunk's ``grad_input`` (``g @ W``) and is accumulated into ``grad_linear_weight``
-(``g^T @ x``, in float32 for 16-bit weights) and ``grad_linear_bias``.  All of this happens in
-the forward, so the backward only scales those small tensors by ``grad_output``.
+gives the chunk's ``grad_input`` (``g @ W``, in the weight's dtype) and is accumulated into
+``grad_linear_weight`` (``g^T @ x``, in float32 for 16-bit weights) and ``grad_linear_bias``.
+All of this happens in the forward, so the backward only scales those small tensors by
+``grad_output``.
 
 With ``reduction="none"`` the gradient depends on a per-token ``grad_output`` that the forward
 does not know, and a sum over tokens (``grad_linear_weight``) cannot be rescaled afterwards; the
 forward then computes only the loss, and the backward makes one more chunked pass with the
 per-token factors fed to the kernel.
 
-Peak extra memory: one chunk of logits (plus, for 16-bit weights, a float32 copy of the chunk's
-gradient and inputs for the float32 weight-gradient product), besides the gradients that must
-exist anyway and the float32 weight-gradient accumulator.
+The chunked pass is the custom op ``fusedce::linear_ce_pass``, so ``torch.compile`` sees one
+opaque node (no graph break, no data-dependent guard).
+
+Peak extra memory: one float32 chunk of logits (plus a 16-bit copy of the chunk's gradient for
+the ``grad_input`` product), besides the gradients that must exist anyway and the float32
+weight-gradient accumulator.  On the CPU, where PyTorch has no 16-bit product with a float32
+result, 16-bit weights are upcast to float32 once per call.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .autograd import (
-    CrossEntropyOutputs,
-    Impl,
-    Reduction,
-    RowResults,
-    _run_pass,
-    finish,
-    reduction_scale,
-)
+from . import checks
+from .autograd import math_dtype, refuse_double_backward
+from .passes import reduce_rows, reduction_scale, run_pass
+from .spec import LossSpec, RowResults, accumulation_dtype
 
-# Logits elements per chunk when the hidden states are smaller than this: 8 Mi (16 MiB bf16),
+# Logits elements per chunk when the hidden states are smaller than this: 8 Mi (32 MiB float32),
 # enough rows (256 at a 32768 vocabulary) for efficient matrix products.
 MIN_CHUNK_ELEMENTS = 1 << 23
+_16_BIT = (torch.bfloat16, torch.float16)
 
 
-def default_chunk_size(n_rows: int, n_cols: int, hidden: int, element_size: int,
-                       device: torch.device) -> int:
-    """Rows per chunk: logits about the size of the hidden states (at least 8 Mi elements), so
-    neither many tiny products nor an oversized buffer; on CUDA at most 1/8 of free memory.
-    Multiples of 64 rows keep the matrix products efficient."""
+def check_linear_inputs(input, linear_weight, linear_bias) -> int:
+    """Check hidden states, LM head and bias; return the number of classes."""
+    checks.check_tensor("input", input)
+    checks.check_tensor("linear_weight", linear_weight)
+    if input.dim() < 1 or not input.is_floating_point():
+        raise TypeError(
+            f"input must be floating-point hidden states of shape (N, H), got dtype {input.dtype}"
+            f" and shape {tuple(input.shape)}"
+        )
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"linear_weight must have shape (C, {input.shape[-1]}) for input of shape "
+            f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(
+            f"linear_weight dtype {linear_weight.dtype} differs from input dtype {input.dtype}"
+        )
+    n_classes = linear_weight.shape[0]
+    if n_classes == 0:
+        raise ValueError("linear_weight has 0 rows: there are no classes")
+    if linear_bias is not None and (
+        not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (n_classes,)
+        or linear_bias.dtype != input.dtype
+    ):
+        raise ValueError(
+            f"linear_bias must be a ({n_classes},) tensor of dtype {input.dtype}, got "
+            f"{getattr(linear_bias, 'shape', linear_bias)!r}"
+        )
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    return n_classes
+
+
+def default_chunk_size(n_rows: int, n_cols: int, hidden: int, device: torch.device) -> int:
+    """Rows per chunk: float32 logits about the size of the hidden states (at least 8 Mi
+    elements), so neither many tiny products nor an oversized buffer; on CUDA at most 1/8 of
+    free memory.  Multiples of 64 rows keep the matrix products efficient."""
     target = max(n_rows * hidden, MIN_CHUNK_ELEMENTS)
     rows = max(1, target // max(n_cols, 1))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        rows = min(rows, max(1, free // 8 // max(n_cols * element_size, 1)))
+        rows = min(rows, max(1, free // 8 // max(n_cols * 4, 1)))
     if rows >= 64:
         rows -= rows % 64
     return max(1, min(rows, n_rows))
 
 
-def _chunks(n_rows: int, chunk_size: int):
-    for r0 in range(0, n_rows, chunk_size):
-        yield r0, min(r0 + chunk_size, n_rows)
+_MM_OUT_DTYPE: dict[str, bool] = {}
 
 
-def _logits_chunk(x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    if b is None:
-        return torch.mm(x_c, w.t(), out=out)
-    return torch.addmm(b, x_c, w.t(), out=out)
+def _has_mm_out_dtype(device: torch.device) -> bool:
+    """Whether this PyTorch makes a 16-bit product with a float32 result on ``device``."""
+    if device.type not in _MM_OUT_DTYPE:
+        a = torch.zeros(2, 2, dtype=torch.bfloat16, device=device)
+        try:
+            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _MM_OUT_DTYPE[device.type] = ok
+    return _MM_OUT_DTYPE[device.type]
+
+
+class _Head:
+    """The LM head as the chunk products need it: the weight in its dtype for ``grad_input``,
+    and what makes float32 (or float64) chunk logits."""
+
+    def __init__(self, w: Tensor, b: Tensor | None):
+        self.w, self.acc = w, accumulation_dtype(w.dtype)
+        self.b = b.to(self.acc) if b is not None else None
+        self.native = w.dtype not in _16_BIT or _has_mm_out_dtype(w.device)
+        self.w_acc = w if self.native else w.to(self.acc)  # the CPU upcast, once per call
+
+    def logits(self, x_c: Tensor, out: Tensor) -> Tensor:
+        if self.w.dtype in _16_BIT and self.native:
+            out.copy_(torch.mm(x_c, self.w.t(), out_dtype=self.acc))
+        else:
+            torch.mm(x_c.to(self.acc), self.w_acc.t(), out=out)
+        if self.b is not None:
+            out.add_(self.b)
+        return out
 
 
 def chunked_pass(
@@ -72,50 +131,80 @@ def chunked_pass(
     target: Tensor,
     weight: Tensor | None,
     scale: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    logit_scale: float,
-    softcap: float | None,
-    lse_square_scale: float,
-    compute_accuracy: bool,
-    impl: Impl,
+    spec: LossSpec,
     chunk_size: int,
     need: tuple[bool, bool, bool],
 ) -> tuple[RowResults, Tensor | None, Tensor | None, Tensor | None]:
     """One chunked pass: per-row results and, as ``need`` asks, the gradients of ``x``, ``w``
     and ``b`` scaled by ``scale`` ((1,) or one factor per row)."""
     n_rows, n_cols = x.shape[0], w.shape[0]
+    head = _Head(w, b)
+    acc = head.acc
+    if chunk_size <= 0:
+        chunk_size = default_chunk_size(n_rows, n_cols, x.shape[1], x.device)
     any_grad = any(need)
     grad_x = torch.empty_like(x) if need[0] else None
-    acc_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need[1] else None
-    acc_b = torch.zeros(n_cols, dtype=torch.float32, device=w.device) if need[2] else None
-    buf = torch.empty(min(chunk_size, n_rows), n_cols, dtype=x.dtype, device=x.device)
+    acc_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need[1] else None
+    acc_b = torch.zeros(n_cols, dtype=acc, device=w.device) if need[2] else None
+    buf = torch.empty(min(chunk_size, n_rows), n_cols, dtype=acc, device=x.device)
     parts = []
-    for r0, r1 in _chunks(n_rows, chunk_size):
+    for r0 in range(0, n_rows, chunk_size):
+        r1 = min(r0 + chunk_size, n_rows)
         x_c = x[r0:r1]
-        logits = _logits_chunk(x_c, w, b, buf[: r1 - r0])
-        rows = _run_pass(logits, target[r0:r1], weight, scale if scale.numel() == 1
-                         else scale[r0:r1], ignore_index, label_smoothing, logit_scale, softcap,
-                         lse_square_scale, compute_accuracy, impl,
-                         logits if any_grad else None, None, None)
+        logits = head.logits(x_c, buf[: r1 - r0])
+        rows = run_pass(logits, target[r0:r1], weight,
+                        scale if scale.numel() == 1 else scale[r0:r1], spec,
+                        logits if any_grad else None)
         parts.append(rows)
         if not any_grad:
             continue
-        g = logits  # now the gradient of the chunk's logits
+        g = logits  # now the gradient of the chunk's logits, in the accumulation dtype
         if grad_x is not None:
-            torch.mm(g, w, out=grad_x[r0:r1])
+            torch.mm(g.to(w.dtype), w, out=grad_x[r0:r1])
         if acc_w is not None:
-            if g.dtype == torch.float32:
-                acc_w.addmm_(g.t(), x_c)
-            else:  # float32 accumulation of 16-bit products
-                acc_w.addmm_(g.t().float(), x_c.float())
+            acc_w.addmm_(g.t(), x_c.to(acc))
         if acc_b is not None:
-            acc_b += g.sum(dim=0, dtype=torch.float32)
+            acc_b += g.sum(dim=0)
     rows = RowResults(*(torch.cat([getattr(p, f) for p in parts]) if parts
-                        else x.new_empty(0, dtype=torch.float32) for f in RowResults._fields))
-    grad_w = acc_w if acc_w is None or w.dtype == torch.float32 else acc_w.to(w.dtype)
-    grad_b = acc_b if acc_b is None or b.dtype == torch.float32 else acc_b.to(b.dtype)
+                        else x.new_empty(0, dtype=acc) for f in RowResults._fields))
+    grad_w = acc_w.to(w.dtype) if acc_w is not None else None
+    grad_b = acc_b.to(b.dtype) if acc_b is not None else None
     return rows, grad_x, grad_w, grad_b
+
+
+@torch.library.custom_op("fusedce::linear_ce_pass", mutates_args=())
+def _linear_ce_pass_op(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    spec: str,
+    chunk_size: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``chunked_pass`` as one op: per-row (loss, lse, z_loss, correct) and the gradients of
+    x, w and b (empty when not needed); ``chunk_size`` 0 picks the default."""
+    rows, gx, gw, gb = chunked_pass(x, w, b, target, weight, scale, LossSpec.decode(spec),
+                                    chunk_size, (need_x, need_w, need_b))
+    empty = x.new_empty(0)
+    return (*rows, gx if gx is not None else empty, gw if gw is not None else empty.clone(),
+            gb if gb is not None else empty.clone())
+
+
+@_linear_ce_pass_op.register_fake
+def _(x, w, b, target, weight, scale, spec, chunk_size, need_x, need_w, need_b):
+    options = LossSpec.decode(spec)
+    n, acc = x.shape[0], math_dtype(x, options)
+    return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
+            x.new_empty(n if options.has_z_loss else 0, dtype=acc),
+            x.new_empty(n if options.return_stats else 0, dtype=acc),
+            x.new_empty(x.shape if need_x else (0,)),
+            w.new_empty(w.shape if need_w else (0,)),
+            x.new_empty((w.shape[0],) if need_b else (0,)))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -124,68 +213,69 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     Call as::
 
         LinearCrossEntropyFunction.apply(
-            input,             # (N, H) hidden states
-            linear_weight,     # (C, H) LM head
-            linear_bias,       # (C,) or None
-            target,            # (N,) contiguous integer class indices
-            weight,            # (C,) float32 contiguous class weights, or None
-            ignore_index, reduction, label_smoothing,
-            logit_scale, softcap, lse_square_scale,
-            num_items_in_batch,  # int | Tensor | None
-            compute_accuracy,  # bool
-            chunk_size,        # int: rows per chunk
-            impl,              # "triton" | "torch"
+            input,               # (N, H) hidden states, unit column stride
+            linear_weight,       # (C, H) LM head
+            linear_bias,         # (C,) or None
+            target,              # (N,) int64 class indices
+            weight,              # (C,) class weights in the math dtype, contiguous, or None
+            num_items_in_batch,  # int | float | Tensor | None
+            spec,                # fusedce.LossSpec (inplace_backward is not used)
+            chunk_size,          # int: rows per chunk, or 0 for the default
         )
 
-    and get ``(loss, lse, z_loss, accuracy)``; only ``loss`` is differentiable.  Arguments are
-    checked by ``fusedce.linear_cross_entropy``, not here.
+    and get ``(loss, lse, z_loss, accuracy)`` as ``CrossEntropyFunction`` does; only ``loss``
+    is differentiable.  Arguments are checked by ``fusedce.linear_cross_entropy``, not here.
     """
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-                label_smoothing, logit_scale, softcap, lse_square_scale, num_items_in_batch,
-                compute_accuracy, chunk_size, impl):
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, num_items_in_batch,
+                spec, chunk_size):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 linear_bias is not None and ctx.needs_input_grad[2])
-        scale = reduction_scale(target, weight, ignore_index, reduction, linear_weight.shape[0],
-                                num_items_in_batch)
-        options = (ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale)
-        deferred = reduction == "none" and any(need)
-        rows, *grads = chunked_pass(
-            input, linear_weight, linear_bias, target, weight, scale, *options,
-            compute_accuracy, impl, chunk_size, (False,) * 3 if deferred else need)
-        outputs = finish(rows, target, ignore_index, reduction, scale, input.dtype,
-                         lse_square_scale != 0.0, compute_accuracy)
+        scale = reduction_scale(target, weight, spec, linear_weight.shape[0],
+                                num_items_in_batch, math_dtype(input, spec))
+        deferred = spec.reduction == "none" and any(need)
+        *rows, gx, gw, gb = _linear_ce_pass_op(
+            input, linear_weight, linear_bias, target, weight, scale, spec.encode(), chunk_size,
+            *((False,) * 3 if deferred else need))
+        outputs = reduce_rows(RowResults(*rows), target, spec, scale,
+                              spec.out_dtype or input.dtype)
         ctx.mark_non_differentiable(*outputs[1:])
         ctx.deferred, ctx.need, ctx.consumed = deferred, need, False
+        ctx.spec, ctx.chunk_size = spec, chunk_size
         if deferred:
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
-            ctx.options, ctx.chunk_size, ctx.impl = options, chunk_size, impl
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, scale)
         else:
-            ctx.save_for_backward(*(g if g is not None else None for g in grads))
-        return tuple(outputs)
+            ctx.save_for_backward(*(g if n else None for g, n in zip((gx, gw, gb), need)))
+        return outputs
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, *unused):
+        refuse_double_backward("fusedce.linear_cross_entropy")
+        compiling = torch.compiler.is_compiling()
+        if ctx.consumed and not compiling:
+            raise RuntimeError(
+                "fusedce.linear_cross_entropy's backward ran twice: it scales the gradients "
+                "made in the forward in place, so retain_graph=True is not supported"
+            )
+        ctx.consumed = True
         if ctx.deferred:
-            x, w, b, target, weight = ctx.saved_tensors
+            x, w, b, target, weight, scale = ctx.saved_tensors
             # The per-token factors go to the kernel as per-row gradient scales.
-            _, *grads = chunked_pass(x, w, b, target, weight, grad_output.float().contiguous(),
-                                     *ctx.options, False, ctx.impl, ctx.chunk_size, ctx.need)
+            factors = (grad_output.reshape(-1).to(scale.dtype) * scale).contiguous()
+            *_, gx, gw, gb = _linear_ce_pass_op(x, w, b, target, weight, factors,
+                                                ctx.spec.replace(return_stats=False).encode(),
+                                                ctx.chunk_size, *ctx.need)
+            grads = [g if n else None for g, n in zip((gx, gw, gb), ctx.need)]
         else:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fusedce.linear_cross_entropy's backward ran twice: it scales the gradients "
-                    "made in the forward in place, so retain_graph=True is not supported"
-                )
-            ctx.consumed = True
             grads = list(ctx.saved_tensors)
-            unit = grad_output.device.type == "cpu" and float(grad_output) == 1.0
-            for g in grads:
-                if g is not None and not unit:
-                    g.mul_(grad_output.to(g.dtype))  # small tensors: (N, H), (C, H), (C,)
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)
+            if compiling:
+                grads = [g * grad_output.to(g.dtype) if g is not None else None for g in grads]
+            elif not (grad_output.device.type == "cpu" and float(grad_output) == 1.0):
+                for g in grads:
+                    if g is not None:
+                        g.mul_(grad_output.to(g.dtype))  # small tensors: (N, H), (C, H), (C,)
+        return (*grads, None, None, None, None, None)
 
 
 def linear_cross_entropy_outputs(
@@ -194,29 +284,23 @@ def linear_cross_entropy_outputs(
     target: Tensor,
     linear_bias: Tensor | None,
     weight: Tensor | None,
-    ignore_index: int,
-    reduction: Reduction,
-    label_smoothing: float,
-    logit_scale: float,
-    softcap: float | None,
-    lse_square_scale: float,
-    num_items_in_batch: Tensor | int | None,
-    compute_accuracy: bool,
-    chunk_size: int,
-    impl: Impl,
-) -> CrossEntropyOutputs:
+    num_items_in_batch,
+    spec: LossSpec,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Through autograd when a gradient is wanted, else a plain chunked pass."""
+    chunk_size = chunk_size or 0
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     if wants_grad:
-        return CrossEntropyOutputs(*LinearCrossEntropyFunction.apply(
-            input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-            label_smoothing, logit_scale, softcap, lse_square_scale, num_items_in_batch,
-            compute_accuracy, chunk_size, impl))
-    scale = reduction_scale(target, weight, ignore_index, reduction, linear_weight.shape[0],
-                            num_items_in_batch)
-    rows, *_ = chunked_pass(input, linear_weight, linear_bias, target, weight, scale,
-                            ignore_index, label_smoothing, logit_scale, softcap,
-                            lse_square_scale, compute_accuracy, impl, chunk_size, (False,) * 3)
-    return finish(rows, target, ignore_index, reduction, scale, input.dtype,
-                  lse_square_scale != 0.0, compute_accuracy)
+        return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target,
+                                                weight, num_items_in_batch, spec, chunk_size)
+    scale = reduction_scale(target, weight, spec, linear_weight.shape[0], num_items_in_batch,
+                            math_dtype(input, spec))
+    *rows, _, _, _ = _linear_ce_pass_op(input, linear_weight, linear_bias, target, weight, scale,
+                                        spec.encode(), chunk_size, False, False, False)
+    return reduce_rows(RowResults(*rows), target, spec, scale, spec.out_dtype or input.dtype)
+
+
+__all__ = ["LinearCrossEntropyFunction", "chunked_pass", "check_linear_inputs",
+           "default_chunk_size", "linear_cross_entropy_outputs"]

@@ -88,9 +88,6 @@ class CrossEntropyLoss(nn.Module):
         )
 
 
-__all__ = ["CrossEntropyLoss"]
-
-
 class LinearCrossEntropyLoss(nn.Module):
     """An LM head and its cross-entropy in one: ``fusedce.linear_cross_entropy`` as a module.
 
@@ -103,7 +100,7 @@ class LinearCrossEntropyLoss(nn.Module):
         in_features, num_classes: H and C.
         bias: whether the projection has a bias.
         weight, ignore_index, reduction, label_smoothing, logit_scale, softcap,
-        lse_square_scale, return_stats, chunk_size, impl: as in
+        lse_square_scale, return_stats, out_dtype, chunk_size, impl: as in
         ``fusedce.linear_cross_entropy``; ``weight`` (class weights) is kept as a buffer.
         device, dtype: of the parameters.
     """
@@ -122,6 +119,7 @@ class LinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         lse_square_scale: float = 0.0,
         return_stats: bool = False,
+        out_dtype: torch.dtype | None = None,
         chunk_size: int | None = None,
         impl: ImplChoice = "auto",
         device: torch.device | str | None = None,
@@ -140,6 +138,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.lse_square_scale = lse_square_scale
         self.return_stats = return_stats
+        self.out_dtype = out_dtype
         self.chunk_size = chunk_size
         self.impl = impl
 
@@ -160,6 +159,10 @@ class LinearCrossEntropyLoss(nn.Module):
             lse_square_scale=self.lse_square_scale,
             num_items_in_batch=num_items_in_batch,
             return_stats=self.return_stats,
+            out_dtype=self.out_dtype,
             chunk_size=self.chunk_size,
             impl=self.impl,
         )
+
+
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]

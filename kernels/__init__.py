@@ -1,26 +1,32 @@
-"""fusedce's Triton kernels and their launch wrappers (installed as ``fusedce.kernels``).
+"""fusedce's Triton kernels (installed as ``fusedce.kernels``).
 
-This package knows nothing of autograd or ``nn``: its wrappers take and return tensors.
+``cross_entropy_kernels`` holds the ``@triton.jit`` code and imports only Triton, so any Triton
+host can launch it; ``cross_entropy`` holds the PyTorch launch wrappers, which take and return
+tensors and know nothing of autograd or ``nn``.
 """
 
-from .cross_entropy import (
-    INTERPRETED,
-    LaunchConfig,
-    RowOutputs,
-    RowStats,
-    ce_bwd,
-    ce_fwd,
-    ce_row_stats,
-    launch_config,
-)
+if __name__ == "kernels":
+    # Imported as a top-level package, because a checkout's root is on sys.path (``python -m``
+    # from it).  That import name belongs to PyPI's ``kernels``, which libraries such as
+    # transformers probe for by importing it: look like an empty namespace package to them (no
+    # file, no version) rather than like that package, and import nothing.
+    __file__ = None
+    __all__ = []
+else:
+    from .cross_entropy import (
+        INTERPRETED,
+        LaunchConfig,
+        ce_bwd,
+        ce_fwd,
+        ce_row_stats,
+        launch_config,
+    )
 
-__all__ = [
-    "INTERPRETED",
-    "LaunchConfig",
-    "RowOutputs",
-    "RowStats",
-    "ce_bwd",
-    "ce_fwd",
-    "ce_row_stats",
-    "launch_config",
-]
+    __all__ = [
+        "INTERPRETED",
+        "LaunchConfig",
+        "ce_bwd",
+        "ce_fwd",
+        "ce_row_stats",
+        "launch_config",
+    ]

@@ -14,10 +14,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fusedce.kernels import cross_entropy as ce
+from fusedce.kernels import cross_entropy_kernels as ce
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLAGS = ["HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SCALE", "HAS_SOFTCAP", "COMPUTE_ARGMAX"]
+FLAGS = ["HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SCALE", "HAS_SOFTCAP", "RETURN_STATS"]
 
 
 def _fwd_signature(dtype: str) -> dict[str, str]:
@@ -26,7 +26,7 @@ def _fwd_signature(dtype: str) -> dict[str, str]:
         "weight_sum_ptr": "*fp32", "scale_ptr": "*fp32", "partial_ptr": "*fp32",
         "partial_idx_ptr": "*i32", "target_logit_ptr": "*fp32", "target_weight_ptr": "*fp32",
         "loss_ptr": "*fp32", "lse_ptr": "*fp32", "z_loss_ptr": "*fp32", "correct_ptr": "*fp32",
-        "grad_ptr": dtype,
+        "stats_ptr": "*fp32", "grad_ptr": dtype,
     }
     ints = {name: "i64" for name in ("stride_logits_row", "stride_grad_row")}
     ints.update({name: "i32" for name in ("stride_scale", "n_rows", "n_cols", "n_classes",
@@ -56,7 +56,8 @@ def main() -> int:
             if dtype != "*bf16" and flags not in flag_sets[:2]:
                 continue  # the flags' code is dtype-independent; cover it once
             constexprs = dict(flags, BLOCK_SIZE=1024, PARTIAL_BLOCK=4, MERGE=merge,
-                              VOCAB_PARALLEL=vp, HAS_ZLOSS=zloss, COMPUTE_GRAD=grad)
+                              VOCAB_PARALLEL=vp, HAS_ZLOSS=zloss, STORE_STATS=not grad,
+                              COMPUTE_GRAD=grad)
             _compile(ce._ce_fwd_kernel, _fwd_signature(dtype), constexprs)
             variants += 1
         stats_sig = {"logits_ptr": dtype, "target_ptr": "*i64", "weight_ptr": "*fp32",

@@ -19,6 +19,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(params=["torch", "triton"])
+def impl(request) -> str:
+    """Both implementations: the PyTorch one and the Triton kernels."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)

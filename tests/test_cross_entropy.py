@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import fusedce
-from fusedce import CrossEntropyFunction
 from fusedce.testing import (
     TOLERANCES,
     make_logits,
@@ -14,8 +13,8 @@ from fusedce.testing import (
     reference_cross_entropy,
     rel_err,
 )
+from helpers import function_loss, grad_output_for
 
-IMPLS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["none", "mean", "sum"]
 OPTIONS = {
@@ -25,13 +24,6 @@ OPTIONS = {
     "weight+smoothing": {"weight": True, "label_smoothing": 0.3},
 }
 IGNORED = {"none": 0.0, "some": 0.3, "all": 1.0}
-
-
-def _grad_output(reduction: str, n_rows: int, device) -> torch.Tensor:
-    """1 for mean (the common case the backward skips), 2.5 for sum, random per row for none."""
-    if reduction == "none":
-        return torch.randn(n_rows, device=device)
-    return torch.tensor(1.0 if reduction == "mean" else 2.5, device=device)
 
 
 def _check(loss, grad, logits, target, weight, reduction, smoothing, grad_output, dtype,
@@ -51,7 +43,6 @@ def _check(loss, grad, logits, target, weight, reduction, smoothing, grad_output
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("impl", IMPLS)
 def test_matches_pytorch(impl, dtype, reduction, option, ignored, device, poison):
     n_rows, n_cols = 13, 1000  # one block per row with the default heuristic
     opts = OPTIONS[option]
@@ -62,7 +53,8 @@ def test_matches_pytorch(impl, dtype, reduction, option, ignored, device, poison
     loss = fusedce.cross_entropy(
         logits, target, weight, reduction=reduction, label_smoothing=smoothing, impl=impl
     )
-    grad_output = _grad_output(reduction, n_rows, device)
+    # 1 for mean (the common case the backward skips), 2.5 for sum, random per row for none.
+    grad_output = grad_output_for(reduction, n_rows, device, 1.0 if reduction == "mean" else 2.5)
     loss.backward(grad_output.to(loss.dtype))
     _check(loss, logits.grad, logits, target, weight, reduction, smoothing, grad_output, dtype)
 
@@ -86,9 +78,8 @@ def test_kernel_paths(shape, dtype, reduction, device, poison):
     target = make_targets(n_rows, n_cols, device, ignore_fraction=0.25)
     target[0] = n_cols - 1  # the last column, in the tail block
     weight = torch.rand(n_cols, device=device) + 0.5
-    loss = CrossEntropyFunction.apply(
-        logits, target, weight, -100, reduction, 0.2, "triton", False, block_size, n_splits
-    )[0]
+    loss = function_loss(logits, target, weight, reduction=reduction, label_smoothing=0.2,
+                         block_size=block_size, n_splits=n_splits)[0]
     # A non-unit grad_output exercises the backward's scaling kernel.
     grad_output = torch.randn(n_rows, device=device) if reduction == "none" else torch.tensor(
         0.7, device=device
@@ -97,7 +88,6 @@ def test_kernel_paths(shape, dtype, reduction, device, poison):
     _check(loss, logits.grad, logits, target, weight, reduction, 0.2, grad_output, dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_mean_with_non_unit_grad_output(impl, device):
     logits = make_logits(6, 300, torch.float32, device).requires_grad_()
     target = make_targets(6, 300, device, ignore_fraction=0.3)
@@ -107,7 +97,6 @@ def test_mean_with_non_unit_grad_output(impl, device):
            torch.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("ignore_index", [0, -1, 7, 123456])
 def test_any_ignore_index(impl, ignore_index, device):
     """A pad id inside [0, C) (0, 7), negatives other than -100, and values beyond C."""
@@ -123,7 +112,6 @@ def test_any_ignore_index(impl, ignore_index, device):
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("impl", IMPLS)
 def test_strided_rows_read_in_place(impl, inplace, device):
     """A column slice of a wider tensor: rows with a stride of 160 but 150 columns."""
     wide = make_logits(9, 160, torch.bfloat16, device)
@@ -146,7 +134,6 @@ def test_strided_rows_read_in_place(impl, inplace, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("impl", IMPLS)
 def test_inplace_backward(impl, dtype, device):
     hidden = make_logits(7, 600, dtype, device).requires_grad_()
     logits = hidden * 1.0
@@ -164,7 +151,6 @@ def test_inplace_backward(impl, dtype, device):
     assert rel_err(logits.detach(), ref_grad) <= tol["grad"]  # the logits now hold the gradient
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_inplace_backward_refuses_logits_saved_elsewhere(impl, device):
     """exp saves its output for backward; overwriting it must be an error, not a wrong gradient."""
     hidden = make_logits(4, 50, torch.float32, device, scale=0.5).requires_grad_()
@@ -175,7 +161,6 @@ def test_inplace_backward_refuses_logits_saved_elsewhere(impl, device):
         loss.backward()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_reads_only(impl, device):
     """Without a gradient wanted, nothing is written: inplace_backward leaves the logits alone."""
     logits = make_logits(5, 300, torch.float32, device).requires_grad_()
@@ -189,16 +174,14 @@ def test_no_grad_reads_only(impl, device):
     assert rel_err(loss, ref_loss) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_deterministic(impl, device):
     logits = make_logits(3, 5000, torch.bfloat16, device).requires_grad_()
     target = make_targets(3, 5000, device)
     results = []
     for _ in range(2):
-        loss = CrossEntropyFunction.apply(
-            logits, target, None, -100, "sum", 0.1, impl, False, 512 if impl == "triton" else None,
-            4 if impl == "triton" else None,
-        )[0]
+        tiling = dict(block_size=512, n_splits=4) if impl == "triton" else {}
+        loss = function_loss(logits, target, reduction="sum", label_smoothing=0.1, impl=impl,
+                             **tiling)[0]
         loss.backward()
         results.append((loss.detach().clone(), logits.grad.clone()))
         logits.grad = None
@@ -206,7 +189,6 @@ def test_deterministic(impl, device):
     assert torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_one_dimensional_input(impl, device):
     logits = make_logits(1, 77, torch.float32, device)[0].requires_grad_()
     target = torch.tensor(5, device=device)
@@ -221,7 +203,6 @@ def test_one_dimensional_input(impl, device):
         logits.grad = None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_k_dimensional_input(impl, device):
     """(N, C, d1, d2) logits, as for segmentation: the same answer as PyTorch."""
     logits = torch.randn(2, 11, 3, 4, device=device).requires_grad_()
@@ -242,7 +223,6 @@ def test_k_dimensional_input(impl, device):
         logits.grad = None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_probability_targets_follow_pytorch(impl, device):
     logits = torch.randn(5, 9, device=device, requires_grad=True)
     probs = torch.softmax(torch.randn(5, 9, device=device), dim=1)
@@ -251,7 +231,6 @@ def test_probability_targets_follow_pytorch(impl, device):
     assert torch.allclose(loss, ref)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_int32_targets(impl, device):
     logits = make_logits(6, 40, torch.float32, device).requires_grad_()
     target = make_targets(6, 40, device, ignore_fraction=0.3)
@@ -262,7 +241,6 @@ def test_int32_targets(impl, device):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("impl", IMPLS)
 def test_empty_batch(impl, reduction, device):
     logits = torch.randn(0, 10, device=device, requires_grad=True)
     target = torch.zeros(0, dtype=torch.long, device=device)
@@ -274,7 +252,6 @@ def test_empty_batch(impl, reduction, device):
     assert logits.grad.shape == (0, 10)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_second_backward_is_refused(impl, device):
     logits = make_logits(3, 20, torch.float32, device).requires_grad_()
     loss = fusedce.cross_entropy(logits, make_targets(3, 20, device), impl=impl)

@@ -8,7 +8,6 @@ in the interpreter (the workers inherit TRITON_INTERPRET=1) or natively on CUDA 
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
@@ -17,14 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fusedce.testing import make_logits, make_targets, reference_extras, rel_err
+from helpers import free_port
 
 TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = [
@@ -112,7 +106,7 @@ def _worker(rank, world, port, sizes, out_dir, backend):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Shard, distribute_tensor
 
-            from fusedce.distributed import cross_entropy_dtensor
+            from fusedce import cross_entropy_dtensor
 
             mesh = init_device_mesh("cpu", (world,))
             logits, target, _ = _case_inputs(sizes, torch.float32)
@@ -132,7 +126,7 @@ def _worker(rank, world, port, sizes, out_dir, backend):
 def _run(sizes, tmp_path, backend="gloo"):
     world = len(sizes)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, str(tmp_path), backend))
              for r in range(world)]
     for p in procs:

@@ -27,11 +27,9 @@ def test_vocab_parallel_torchrun():
     import subprocess
     import sys
 
-    import socket
+    from helpers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(port),
            str(EXAMPLES / "vocab_parallel.py"), "--tokens", "64", "--vocab", "1001"]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import fusedce
-from fusedce import CrossEntropyFunction
 from fusedce.testing import (
     TOLERANCES,
     make_logits,
@@ -16,8 +15,8 @@ from fusedce.testing import (
     reference_extras,
     rel_err,
 )
+from helpers import function_loss, grad_output_for
 
-IMPLS = ["torch", "triton"]
 EXTRAS = {
     "softcap": dict(softcap=15.0),
     "scale": dict(logit_scale=0.37),
@@ -26,15 +25,9 @@ EXTRAS = {
 }
 
 
-def _grad_output(reduction, n_rows, device):
-    return torch.randn(n_rows, device=device) if reduction == "none" else torch.tensor(
-        0.8, device=device)
-
-
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("extra", list(EXTRAS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("impl", IMPLS)
 def test_extras_match_reference(impl, dtype, extra, reduction, device, poison):
     n_rows, n_cols = 11, 700
     logits = make_logits(n_rows, n_cols, dtype, device, scale=6.0).requires_grad_()
@@ -43,7 +36,7 @@ def test_extras_match_reference(impl, dtype, extra, reduction, device, poison):
     kwargs = dict(EXTRAS[extra], label_smoothing=0.1, reduction=reduction)
     loss, stats = fusedce.cross_entropy(logits, target, weight, impl=impl, return_stats=True,
                                         **kwargs)
-    go = _grad_output(reduction, n_rows, device)
+    go = grad_output_for(reduction, n_rows, device, 0.8)
     loss.backward(go.to(loss.dtype))
     ref = reference_extras(logits, target, weight, grad_output=go.float(), **kwargs)
     tol = TOLERANCES[dtype]
@@ -68,9 +61,10 @@ def test_extras_on_kernel_paths(shape, device, poison):
     with torch.no_grad():
         logits[0, target[0]] = 100.0
     weight = torch.rand(n_cols, device=device) + 0.5
-    loss, lse, z_loss, accuracy = CrossEntropyFunction.apply(
-        logits, target, weight, -100, "sum", 0.2, "triton", False, block_size, n_splits,
-        1.3, 25.0, 1e-3, None, True)
+    loss, lse, z_loss, accuracy = function_loss(
+        logits, target, weight, reduction="sum", label_smoothing=0.2, block_size=block_size,
+        n_splits=n_splits, logit_scale=1.3, softcap=25.0, lse_square_scale=1e-3,
+        return_stats=True)
     loss.backward()
     ref = reference_extras(logits, target, weight, reduction="sum", label_smoothing=0.2,
                            logit_scale=1.3, softcap=25.0, lse_square_scale=1e-3,
@@ -83,7 +77,6 @@ def test_extras_on_kernel_paths(shape, device, poison):
     assert accuracy.item() > 0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_accuracy_takes_the_first_of_tied_maxima(impl, device):
     logits = torch.zeros(3, 10, device=device)
     logits[:, 2] = logits[:, 5] = 1.0  # tie between columns 2 and 5
@@ -93,7 +86,6 @@ def test_accuracy_takes_the_first_of_tied_maxima(impl, device):
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
-@pytest.mark.parametrize("impl", IMPLS)
 def test_num_items_in_batch(impl, as_tensor, device):
     """Gradient accumulation, transformers' way: sum each micro-batch, divide by the total."""
     logits = make_logits(20, 300, torch.float32, device).requires_grad_()
@@ -114,7 +106,6 @@ def test_num_items_in_batch(impl, as_tensor, device):
     assert rel_err(logits.grad, full_grad) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_stats_without_grad_and_for_none(impl, device):
     logits = make_logits(6, 128, torch.bfloat16, device)
     target = make_targets(6, 128, device, ignore_fraction=0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusedce import LossSpec
 from fusedce.kernels import ce_bwd, ce_fwd, launch_config
 from fusedce.testing import make_logits, make_targets, reference_cross_entropy, rel_err
 
@@ -31,12 +32,12 @@ def test_launch_config_splits_few_long_rows():
         launch_config(2, 10, torch.device("cpu"), block_size=100)
 
 
-def _run(logits, target, weight=None, smoothing=0.0, **overrides):
+def _run(logits, target, weight=None, smoothing=0.0, **tiling):
     grad = torch.full_like(logits, float("nan"))
     scale = torch.ones(1, device=logits.device)
     weight_sum = weight.sum().reshape(1) if weight is not None else None
-    loss, lse, _, _ = ce_fwd(logits, target, weight, weight_sum, scale, -100, smoothing, grad,
-                             **overrides)
+    spec = LossSpec(label_smoothing=smoothing, impl="triton", **tiling)
+    loss, lse, _, _ = ce_fwd(logits, target, weight, weight_sum, scale, spec, grad)
     return loss, lse, grad
 
 
@@ -57,8 +58,8 @@ def test_forward_only_writes_nothing_logits_sized(device):
     logits = make_logits(4, 700, torch.float32, device)
     target = make_targets(4, 700, device)
     before = logits.clone()
-    loss, lse, z_loss, correct = ce_fwd(logits, target, None, None, None, -100, 0.0, None)
-    assert z_loss is None and correct is None
+    loss, lse, z_loss, correct = ce_fwd(logits, target, None, None, None, LossSpec(), None)
+    assert z_loss.numel() == 0 and correct.numel() == 0
     assert torch.equal(logits, before)
     ref, _ = reference_cross_entropy(logits, target, reduction="none")
     assert rel_err(loss, ref) <= 1e-5
@@ -112,7 +113,7 @@ def test_row_offsets_beyond_two_to_the_31(device):
     # The gradient can be written through the same far-apart rows (in-place backward).
     grad_view = logits
     scale = torch.ones(1, device=device)
-    ce_fwd(logits, target, None, None, scale, -100, 0.0, grad_view)
+    ce_fwd(logits, target, None, None, scale, LossSpec(), grad_view)
     assert rel_err(grad_view, ref_grad) <= 2e-3
     del storage, logits, grad_view
 

@@ -8,7 +8,6 @@ import torch
 import fusedce
 from fusedce.testing import TOLERANCES, make_targets, reference_linear, rel_err
 
-IMPLS = ["torch", "triton"]
 OPTIONS = {
     "plain": {},
     "weight+smoothing": {"weight": True, "label_smoothing": 0.2},
@@ -37,7 +36,6 @@ def _check(out, grads, ref, dtype):
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("impl", IMPLS)
 def test_matches_unfused_reference(impl, dtype, option, reduction, chunk_size, device, poison):
     x, w, b, target = _inputs(30, 24, 130, dtype, device)
     opts = dict(OPTIONS[option])
@@ -52,7 +50,6 @@ def test_matches_unfused_reference(impl, dtype, option, reduction, chunk_size, d
     _check(loss, grads, ref, dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_all_ignored_and_no_bias(impl, device):
     x, w, _, _ = _inputs(9, 16, 40, torch.float32, device, bias=False)
     target = torch.full((9,), -100, device=device)
@@ -62,7 +59,6 @@ def test_all_ignored_and_no_bias(impl, device):
     assert torch.all(gx == 0) and torch.all(gw == 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_stats_and_num_items(impl, device):
     x, w, b, target = _inputs(20, 16, 60, torch.float32, device)
     loss, stats = fusedce.linear_cross_entropy(
@@ -76,7 +72,6 @@ def test_stats_and_num_items(impl, device):
     assert stats.accuracy.item() == pytest.approx(ref["accuracy"].item())
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_leading_dimensions_and_module(impl, device):
     """(batch, seq, H) hidden states with (batch, seq) labels, through the module."""
     module = fusedce.LinearCrossEntropyLoss(12, 50, bias=True, reduction="none", chunk_size=5,

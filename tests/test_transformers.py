@@ -78,13 +78,19 @@ def test_no_float32_copy_of_the_logits():
     logits = torch.randn(8, 2000, VOCAB, dtype=torch.bfloat16)  # several chunks
     labels = torch.randint(0, VOCAB, (8, 2000))
     converted = []
-    real = torch.Tensor.float
+    real_float, real_to = torch.Tensor.float, torch.Tensor.to
 
-    def spy(self, *a, **k):
+    def spy_float(self, *a, **k):
         converted.append(self.numel())
-        return real(self, *a, **k)
+        return real_float(self, *a, **k)
 
-    torch.Tensor.float = spy
+    def spy_to(self, *a, **k):
+        out = real_to(self, *a, **k)
+        if self.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            converted.append(self.numel())
+        return out
+
+    torch.Tensor.float, torch.Tensor.to = spy_float, spy_to
     try:
         fce_hf.causal_lm_loss(logits, labels, VOCAB)
         ours = max(converted)
@@ -92,7 +98,7 @@ def test_no_float32_copy_of_the_logits():
         ForCausalLMLoss(logits, labels, VOCAB)
         theirs = max(converted)
     finally:
-        torch.Tensor.float = real
+        torch.Tensor.float, torch.Tensor.to = real_float, real_to
     assert theirs == logits.numel()
     assert ours < logits.numel() // 2
 

@@ -1,0 +1,282 @@
+"""Argument checks of the public functions: every bad input gets a clear error naming the value,
+before anything is computed or written."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from .spec import Impl, LossSpec
+
+REDUCTIONS = ("none", "mean", "sum")
+IMPLS = ("auto", "triton", "torch")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_tensor(name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_logits(input, *, sliced: bool = False) -> int:
+    """Check the logits of ``cross_entropy``; return the number of classes (columns)."""
+    check_tensor("input", input)
+    if not input.is_floating_point():
+        raise TypeError(f"input must hold floating-point logits, got dtype {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if n_classes == 0:
+        what = "this rank's vocabulary slice" if sliced else "the class dimension"
+        raise ValueError(f"input has 0 classes ({what} of shape {tuple(input.shape)} is empty)")
+    return n_classes
+
+
+def check_class_target(input: Tensor, target, class_dim: int | None = 1) -> None:
+    """Class-index targets: integers, the input's shape without the class dimension
+    (``class_dim``; None for hidden states whose last dimension is not the classes)."""
+    check_tensor("target", target)
+    if input.dim() == 1:
+        expected = ()
+    elif class_dim is None:
+        expected = tuple(input.shape[:-1])
+    else:
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold integer class indices of shape {expected}, got dtype "
+            f"{target.dtype} and shape {tuple(target.shape)} (class probabilities must be "
+            f"floating point with the logits' shape)"
+        )
+    if tuple(target.shape) != expected:
+        if class_dim is not None and tuple(target.shape) == tuple(input.shape):
+            raise ValueError(
+                f"target has the input's shape {tuple(input.shape)} but holds integers "
+                f"({target.dtype}): class-index targets must have the input's shape without the "
+                f"class dimension, {expected}; class probabilities must be floating point"
+            )
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape "
+            f"{tuple(input.shape)}: class-index targets must have shape {expected}"
+        )
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+
+
+def check_weight(weight, n_classes: int | None, device: torch.device) -> None:
+    if weight is None:
+        return
+    check_tensor("weight", weight)
+    if weight.dim() != 1 or (n_classes is not None and weight.shape[0] != n_classes):
+        raise ValueError(
+            f"weight must have shape ({n_classes},), one value per class, "
+            f"got {tuple(weight.shape)}"
+        )
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating-point, got dtype {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but input is on {device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight requires grad, but the class weights get no gradient (as in "
+            "torch.nn.functional.cross_entropy): pass weight.detach()"
+        )
+
+
+def check_num_items(num_items_in_batch, reduction: str, device: torch.device):
+    """Return ``num_items_in_batch`` ready to use: a Python number when it could be read for
+    free (a number, or a CPU tensor), a one-element tensor on ``device`` otherwise (never read
+    on the host)."""
+    if num_items_in_batch is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            "num_items_in_batch replaces the denominator of reduction='mean'; got "
+            f"reduction={reduction!r}"
+        )
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch must hold one number, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+        if num_items_in_batch.is_complex() or num_items_in_batch.dtype == torch.bool:
+            raise TypeError(f"num_items_in_batch must be a real number, got dtype "
+                            f"{num_items_in_batch.dtype}")
+        if num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = num_items_in_batch.item()
+        elif num_items_in_batch.device.type == "cpu":
+            return num_items_in_batch.detach()  # under compilation: not read while tracing
+        elif num_items_in_batch.device != device:
+            raise ValueError(
+                f"num_items_in_batch is on {num_items_in_batch.device} but input is on "
+                f"{device}: pass it on the input's device (it is not read on the host), on the "
+                f"CPU, or as a number"
+            )
+        else:
+            return num_items_in_batch.detach()
+    elif _is_number(num_items_in_batch):
+        value = num_items_in_batch
+    else:
+        raise TypeError(
+            "num_items_in_batch must be an int, a one-element tensor or None, got "
+            f"{type(num_items_in_batch).__name__}"
+        )
+    if isinstance(value, float) and not float(value).is_integer() \
+            and not isinstance(num_items_in_batch, Tensor):
+        raise TypeError(f"num_items_in_batch must be an int, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"num_items_in_batch must be positive, got {value}")
+    return value
+
+
+def check_options(
+    *,
+    reduction: str,
+    label_smoothing,
+    ignore_index,
+    logit_scale,
+    softcap,
+    lse_square_scale,
+    out_dtype,
+) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not _is_number(label_smoothing):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not _is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64[0] <= ignore_index <= _INT64[1]:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
+                                      and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating-point torch.dtype, got {out_dtype!r}")
+    if not _is_number(logit_scale) or not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if softcap is not None and not (
+        _is_number(softcap) and math.isfinite(softcap) and softcap > 0
+    ):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not _is_number(lse_square_scale) or not (
+        math.isfinite(lse_square_scale) and lse_square_scale >= 0
+    ):
+        raise ValueError(f"lse_square_scale must be a finite number >= 0, got {lse_square_scale!r}")
+
+
+def make_spec(*, reduction, label_smoothing, ignore_index, logit_scale, softcap,
+              lse_square_scale, return_stats, impl: Impl, inplace_backward, out_dtype,
+              block_size=None, n_splits=None) -> LossSpec:
+    """Check the options and freeze them into a ``LossSpec``."""
+    check_options(reduction=reduction, label_smoothing=label_smoothing,
+                  ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                  lse_square_scale=lse_square_scale, out_dtype=out_dtype)
+    return LossSpec(
+        ignore_index=int(ignore_index), reduction=reduction,
+        label_smoothing=float(label_smoothing), logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+        lse_square_scale=float(lse_square_scale), return_stats=bool(return_stats), impl=impl,
+        inplace_backward=bool(inplace_backward), out_dtype=out_dtype, block_size=block_size,
+        n_splits=n_splits)
+
+
+def check_inplace_target(input: Tensor, logits: Tensor) -> None:
+    """``inplace_backward=True`` writes the gradient into ``logits`` (the caller's ``input`` or
+    a view of it): refuse, before anything is written, every layout where that would be wrong.
+
+    * elements that overlap (an ``expand``ed or ``as_strided`` tensor): one storage element
+      would have to hold several rows' gradients;
+    * a leaf that requires grad, or a view of one: its values would be overwritten and its
+      ``.grad`` would alias them (PyTorch refuses in-place operations there too).
+    """
+    n_rows, n_cols = logits.shape
+    if n_rows > 1 and logits.stride(0) < n_cols:
+        raise ValueError(
+            f"inplace_backward=True needs logits whose rows do not overlap in memory; got "
+            f"shape {tuple(logits.shape)} with strides {logits.stride()} (an expanded or "
+            f"as_strided tensor): pass inplace_backward=False, or a contiguous copy"
+        )
+    base = input
+    while base._base is not None:
+        base = base._base
+    if base.is_leaf and base.requires_grad:
+        what = "a leaf tensor that requires grad" if base is input else \
+            "a view of a leaf tensor that requires grad"
+        raise RuntimeError(
+            f"inplace_backward=True would overwrite {what} (a parameter or an input, whose "
+            f"values autograd still needs); PyTorch refuses in-place operations there too.  "
+            f"Pass inplace_backward=False, or logits computed from it (e.g. hidden @ W.T)"
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def kernels_importable() -> tuple[bool, str]:
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError as exc:  # Triton missing or broken, or fusedce not installed
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> Impl:
+    """Map ``impl`` to the implementation that will run on tensors of ``device`` and ``dtype``.
+
+    ``"auto"`` runs the Triton kernels for CUDA tensors and PyTorch otherwise (and for float64
+    logits, which the kernels do not compute in); when the kernels cannot be imported for a
+    CUDA tensor it warns once, naming the fix, and runs PyTorch.  ``"triton"`` insists on the
+    kernels (an error says why they cannot run); ``"torch"`` forces the PyTorch implementation.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    if dtype == torch.float64:
+        if impl == "triton":
+            raise ValueError(
+                "impl='triton' cannot run float64 logits: the kernels compute in float32; use "
+                "impl='torch' (or 'auto'), which computes float64 in float64"
+            )
+        return "torch"
+    importable, why = kernels_importable()
+    if impl == "triton":
+        if not importable:
+            raise RuntimeError(f"impl='triton' cannot run: fusedce.kernels failed to import "
+                               f"({why}); install Triton and fusedce (pip install -e .)")
+        from .kernels import INTERPRETED
+
+        if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+            return "triton"
+        if device.type == "cpu":
+            raise RuntimeError(
+                "impl='triton' cannot run: the tensors are on the CPU; set TRITON_INTERPRET=1 "
+                "before fusedce.kernels is imported to run the kernels in Triton's "
+                "interpreter, or use impl='torch'"
+            )
+        raise RuntimeError(f"impl='triton' cannot run: the Triton kernels do not run on "
+                           f"{device.type} tensors")
+    if device.type != "cuda":
+        return "torch"
+    if not importable:
+        if why not in _WARNED:
+            _WARNED.add(why)
+            warnings.warn(
+                f"fusedce: the Triton kernels could not be imported ({why}), so CUDA tensors "
+                f"run the slower PyTorch implementation.  Install Triton, and install fusedce "
+                f"(pip install -e .) rather than running it from a checkout, to get them.",
+                RuntimeWarning, stacklevel=3)
+        return "torch"
+    return "triton"

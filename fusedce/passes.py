@@ -1,0 +1,228 @@
+"""One pass over the logits, whichever implementation runs it, and the reduction of its rows.
+
+The passes are registered as ``torch.library`` custom ops (``fusedce::ce_forward``,
+``fusedce::ce_forward_inplace`` with its mutation of the logits declared, and
+``fusedce::ce_scale_grad_``), so ``torch.compile`` treats each as one opaque node with a known
+output shape: no graph break, whichever implementation runs inside.  Their options travel as one
+string, ``LossSpec.encode()``: the one place the spec is flattened.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import torch_impl
+from .spec import LossSpec, RowResults, RowStats, VocabSlice, accumulation_dtype
+
+
+def run_pass(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    scale: Tensor | None,
+    spec: LossSpec,
+    grad: Tensor | None,
+    *,
+    row_stats: RowStats | None = None,
+    vocab: VocabSlice | None = None,
+    stats_out: Tensor | None = None,
+    weight_sum: Tensor | None = None,
+) -> RowResults:
+    """``ce_fwd`` of the implementation ``spec.impl`` (see ``fusedce.kernels.ce_fwd``);
+    ``weight_sum`` defaults to the sum of ``weight`` (a vocabulary slice passes the whole
+    vocabulary's)."""
+    if weight is not None and weight_sum is None:
+        weight_sum = weight.sum().reshape(1)
+    if spec.impl == "triton":
+        from .kernels import ce_fwd
+    else:
+        ce_fwd = torch_impl.ce_fwd
+    return ce_fwd(logits, target, weight, weight_sum, scale, spec, grad, row_stats=row_stats,
+                  vocab=vocab, stats_out=stats_out)
+
+
+def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec) -> RowStats:
+    """Partial statistics of each row (see ``fusedce.kernels.ce_row_stats``)."""
+    if spec.impl == "triton":
+        from .kernels import ce_row_stats
+
+        return ce_row_stats(logits, target, weight, spec)
+    return torch_impl.row_stats(logits, target, weight, spec)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedce::ce_forward", mutates_args=())
+def _ce_forward_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    stats_in: Tensor | None,
+    spec: str,
+    compute_grad: bool,
+    store_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One pass: per-row (loss, lse, z_loss, correct), each row's statistics (3, N, 1) when
+    ``store_stats``, and a new gradient when ``compute_grad`` (empty tensors otherwise)."""
+    options = LossSpec.decode(spec)
+    acc = torch.float32 if options.impl == "triton" else accumulation_dtype(logits.dtype)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
+        if compute_grad else None
+    stats_out = torch.empty(3, logits.shape[0], 1, dtype=acc, device=logits.device) \
+        if store_stats else None
+    rows = run_pass(logits, target, weight, scale, options, grad,
+                    row_stats=RowStats(stats_in, _empty(logits)) if stats_in is not None
+                    else None, stats_out=stats_out)
+    return (*rows, stats_out if stats_out is not None else _empty(logits),
+            grad if grad is not None else logits.new_empty(0))
+
+
+def _fake_rows(logits: Tensor, spec: LossSpec) -> list[Tensor]:
+    n = logits.shape[0]
+    acc = torch.float32 if spec.impl == "triton" else accumulation_dtype(logits.dtype)
+    return [logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc),
+            logits.new_empty(n if spec.has_z_loss else 0, dtype=acc),
+            logits.new_empty(n if spec.return_stats else 0, dtype=acc)]
+
+
+@_ce_forward_op.register_fake
+def _(logits, target, weight, scale, stats_in, spec, compute_grad, store_stats):
+    options = LossSpec.decode(spec)
+    rows = _fake_rows(logits, options)
+    stats = logits.new_empty((3, logits.shape[0], 1) if store_stats else (0,),
+                             dtype=rows[0].dtype)
+    return (*rows, stats, logits.new_empty(logits.shape if compute_grad else (0,)))
+
+
+@torch.library.custom_op("fusedce::ce_forward_inplace", mutates_args=("logits",))
+def _ce_forward_inplace_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    stats_in: Tensor | None,
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass that overwrites the logits with their scaled gradient."""
+    rows = run_pass(logits, target, weight, scale, LossSpec.decode(spec), logits,
+                    row_stats=RowStats(stats_in, _empty(logits)) if stats_in is not None
+                    else None)
+    return tuple(rows)
+
+
+@_ce_forward_inplace_op.register_fake
+def _(logits, target, weight, scale, stats_in, spec):
+    return tuple(_fake_rows(logits, LossSpec.decode(spec)))
+
+
+@torch.library.custom_op("fusedce::ce_scale_grad_", mutates_args=("grad",))
+def _ce_scale_grad_op(grad: Tensor, grad_output: Tensor, spec: str) -> None:
+    """grad *= grad_output (a scalar, or one value per row), in place."""
+    if LossSpec.decode(spec).impl == "triton":
+        from .kernels import ce_bwd
+
+        ce_bwd(grad, grad_output)
+    else:
+        torch_impl.ce_bwd(grad, grad_output)
+
+
+@_ce_scale_grad_op.register_fake
+def _(grad, grad_output, spec):
+    return None
+
+
+def forward_pass(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    spec: LossSpec,
+    *,
+    compute_grad: bool,
+    stats_in: Tensor | None = None,
+    store_stats: bool = False,
+) -> tuple[RowResults, Tensor | None, Tensor | None]:
+    """One pass through the custom ops: (rows, each row's statistics when ``store_stats``, the
+    scaled gradient when ``compute_grad``, written into ``logits`` with
+    ``spec.inplace_backward``)."""
+    if compute_grad and spec.inplace_backward:
+        rows = RowResults(*_ce_forward_inplace_op(logits, target, weight, scale, stats_in,
+                                                  spec.encode()))
+        return rows, None, logits
+    *rows, stats, grad = _ce_forward_op(logits, target, weight, scale, stats_in, spec.encode(),
+                                        compute_grad, store_stats)
+    return (RowResults(*rows), stats if store_stats else None,
+            grad if compute_grad else None)
+
+
+def scale_grad_(grad: Tensor, grad_output: Tensor, spec: LossSpec) -> None:
+    """``grad *= grad_output`` in place (a scalar, or one value per row)."""
+    _ce_scale_grad_op(grad, grad_output, spec.encode())
+
+
+def reduction_scale(
+    target: Tensor,
+    weight: Tensor | None,
+    spec: LossSpec,
+    n_classes: int,
+    num_items_in_batch: Tensor | float | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The factor applied to the summed per-row losses: a (1,) device tensor of ``dtype``.
+
+    For ``mean`` it is ``1 / sum of the counted targets' weights`` (the count when unweighted),
+    as in PyTorch, except that it is 0 when that sum is 0 (nothing counts, or the counted
+    targets' weights add up to 0), so such a batch gives loss 0 and a zero gradient instead of
+    NaN or inf; with ``num_items_in_batch`` it is ``1 / num_items_in_batch``.  For ``sum`` and
+    ``none`` it is 1.  Computed with device operations, never read on the host.
+    """
+    device = target.device
+    if spec.reduction != "mean":
+        return torch.ones(1, dtype=dtype, device=device)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            return 1.0 / num_items_in_batch.to(device=device, dtype=dtype).reshape(1)
+        return torch.full((1,), 1.0 / num_items_in_batch, dtype=dtype, device=device)
+    counted = target != spec.ignore_index
+    if weight is None:
+        denom = counted.sum(dtype=dtype)
+    else:
+        w_t = weight[target.clamp(0, max(n_classes - 1, 0))].to(dtype)
+        denom = torch.where(counted, w_t, 0.0).sum()
+    return torch.where(denom != 0, 1.0 / denom, 0.0).reshape(1)
+
+
+def reduce_rows(
+    rows: RowResults,
+    target: Tensor,
+    spec: LossSpec,
+    scale: Tensor,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reduce per-row results: ``(loss in out_dtype, lse, z_loss, accuracy)``, with ``z_loss``
+    reduced like the loss and ``accuracy`` a scalar (empty tensors when not computed)."""
+
+    def reduce(v: Tensor) -> Tensor:
+        if spec.reduction == "none":
+            return v
+        total = v.sum()
+        if spec.reduction == "sum":
+            return total
+        # A zero scale (nothing counts) gives +0, never -0 from a negative sum.
+        return torch.where(scale[0] != 0, total * scale[0], 0.0)
+
+    loss = reduce(rows.loss).to(out_dtype)
+    z_loss = reduce(rows.z_loss) if spec.has_z_loss else rows.z_loss
+    accuracy = rows.correct
+    if spec.return_stats:
+        counted = (target != spec.ignore_index).sum(dtype=rows.correct.dtype)
+        accuracy = torch.where(counted > 0, rows.correct.sum() / counted.clamp_min(1.0), 0.0)
+    return loss, rows.lse, z_loss, accuracy
+
+
+__all__ = ["forward_pass", "reduce_rows", "reduction_scale", "row_stats", "run_pass",
+           "scale_grad_"]

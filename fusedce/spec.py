@@ -1,0 +1,160 @@
+"""The options of one loss call and the per-row results of one pass: the two types every layer
+below the public functions shares (the kernels' launch wrappers, the PyTorch implementation,
+autograd, fused linear and vocabulary-parallel code).
+
+``LossSpec`` is checked once by ``fusedce.cross_entropy`` (or ``linear_cross_entropy``) and then
+travels unchanged; ``LossSpec.encode``/``LossSpec.decode`` are the one place where it is
+flattened, into the string argument that ``torch.library`` custom ops take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Impl = Literal["triton", "torch"]
+Reduction = Literal["none", "mean", "sum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Per-call options of a cross-entropy computation (all plain Python values).
+
+    Attributes:
+        ignore_index: target value that counts for nothing.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        label_smoothing: in [0, 1], PyTorch's definition.
+        logit_scale: the logits are multiplied by it first (> 0).
+        softcap: then capped to ``softcap * tanh(z / softcap)``, or None.
+        lse_square_scale: z-loss coefficient (PaLM's ``lam * lse**2`` per counted row).
+        return_stats: also compute the statistics that need more than the loss (token accuracy,
+            through each row's first argmax).
+        impl: ``"triton"`` or ``"torch"`` (already resolved).
+        inplace_backward: write the gradient into the logits' storage.
+        out_dtype: the loss's dtype, or None for the input's.
+        block_size, n_splits: kernel tiling overrides (None: the launch heuristic).
+    """
+
+    ignore_index: int = -100
+    reduction: Reduction = "mean"
+    label_smoothing: float = 0.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    lse_square_scale: float = 0.0
+    return_stats: bool = False
+    impl: Impl = "torch"
+    inplace_backward: bool = False
+    out_dtype: torch.dtype | None = None
+    block_size: int | None = None
+    n_splits: int | None = None
+
+    # Flags derived from the options: one name each, used by every layer.
+    @property
+    def has_smoothing(self) -> bool:
+        return self.label_smoothing > 0.0
+
+    @property
+    def has_scale(self) -> bool:
+        return self.logit_scale != 1.0
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap is not None
+
+    @property
+    def has_z_loss(self) -> bool:
+        return self.lse_square_scale != 0.0
+
+    @property
+    def recompute_backward(self) -> bool:
+        """Whether the backward recomputes the gradient from the saved logits and per-row
+        statistics (one read and one write, ``grad_output`` folded in before the one rounding)
+        instead of scaling a gradient stored by the forward.  Chosen for ``reduction="none"``,
+        whose per-token ``grad_output`` would otherwise cost a second read and write of the
+        gradient and round it twice."""
+        return self.reduction == "none"
+
+    def replace(self, **changes) -> LossSpec:
+        return dataclasses.replace(self, **changes)
+
+    def encode(self) -> str:
+        """The spec as one string: the custom ops' single options argument.  Plain string
+        operations on constants, so ``torch.compile`` folds it while tracing."""
+        dtype = "None" if self.out_dtype is None else _DTYPE_NAMES[self.out_dtype]
+        values = [str(self.ignore_index), self.reduction, str(self.label_smoothing),
+                  str(self.logit_scale), str(self.softcap), str(self.lse_square_scale),
+                  str(self.return_stats), self.impl, str(self.inplace_backward), dtype,
+                  str(self.block_size), str(self.n_splits)]
+        return ";".join(values)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def decode(text: str) -> LossSpec:
+        (ignore_index, reduction, smoothing, logit_scale, softcap, z_scale, stats, impl, inplace,
+         dtype, block_size, n_splits) = text.split(";")
+
+        def optional(value: str, kind):
+            return None if value == "None" else kind(value)
+
+        return LossSpec(
+            ignore_index=int(ignore_index), reduction=reduction, label_smoothing=float(smoothing),
+            logit_scale=float(logit_scale), softcap=optional(softcap, float),
+            lse_square_scale=float(z_scale), return_stats=stats == "True", impl=impl,
+            inplace_backward=inplace == "True",
+            out_dtype=None if dtype == "None" else getattr(torch, dtype),
+            block_size=optional(block_size, int), n_splits=optional(n_splits, int))
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in for logits of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class RowResults(NamedTuple):
+    """Per-row results of one pass over the logits, in the accumulation dtype (float32; float64
+    for float64 logits in the PyTorch implementation), 0 for ignored rows.  A result that was not
+    asked for is an empty (0,) tensor (custom ops cannot return None, nor aliases)."""
+
+    loss: Tensor  # (N,) loss, z-loss included, already multiplied by the target's class weight
+    lse: Tensor  # (N,) log-sum-exp of the transformed logits
+    z_loss: Tensor  # (N,) lse_square_scale * w_t * lse**2, or empty without z-loss
+    correct: Tensor  # (N,) 1.0 where the first argmax is the target, or empty without stats
+
+
+class RowStats(NamedTuple):
+    """Partial statistics of rows of transformed logits ``z``, P partials per row (chunks of the
+    vocabulary, or ranks of a vocabulary-parallel group).
+
+    ``partials`` is (3, N, P) in the accumulation dtype: each partial's max ``m_k``, its sum of
+    ``exp(z - m_k)``, and, with label smoothing, its sum of ``w * (z - ref)`` where ``ref`` is the
+    row's reference logit (``row_reference``), so that partials of large logits add up without
+    cancellation.  Ignored rows give (most negative finite, 0, 0).  ``argmax`` is (N, P) int32,
+    the first column (global id) reaching ``m_k``, or an empty tensor without statistics.
+    """
+
+    partials: Tensor
+    argmax: Tensor
+
+
+class VocabSlice(NamedTuple):
+    """Vocabulary parallelism: the logits hold global columns ``[start, start + C_local)`` of
+    ``n_classes``; ``target_logit`` (N,) is each row's transformed target logit wherever it lives,
+    ``target_weight`` (N,) its class weight (or None without weights).  The merged ``RowStats``
+    then carry their weighted sums relative to the merged row max."""
+
+    start: int
+    n_classes: int
+    target_logit: Tensor
+    target_weight: Tensor | None
+
+
+__all__ = ["Impl", "LossSpec", "Reduction", "RowResults", "RowStats", "VocabSlice",
+           "accumulation_dtype"]

@@ -1,0 +1,283 @@
+"""The PyTorch implementation (``impl="torch"``): fusedce's CPU fallback, with the kernels' contract.
+
+``row_stats``, ``ce_fwd`` and ``ce_bwd`` take and return what ``fusedce.kernels``' wrappers of
+the same names do, so the layers above can use either.  They walk the rows in chunks small enough
+to stay in cache, compute in float32 (float64 for float64 logits), form every quantity relative
+to the row max as the kernels do, and write the scaled gradient straight into its destination
+(which may be the logits themselves).  The extra memory is one chunk of scratch, beside the
+gradient that must exist anyway; eager ``F.cross_entropy`` forward+backward holds about three
+float32 copies of the logits.  Every allocation names its dtype: the default dtype never matters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .spec import LossSpec, RowResults, RowStats, VocabSlice, accumulation_dtype
+
+# Elements per chunk: 1 Mi float32 = 4 MiB of scratch.  Smaller chunks pay Python's per-chunk
+# overhead (measured at 2048 x 128256 on a 2-core x86 machine: 2**16 and 2**18 slower than 2**20,
+# 2**22 no better).
+CHUNK_ELEMENTS = 1 << 20
+_INT32_MAX = 2**31 - 1
+
+
+def check_targets(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` naming the first target outside ``[0, n_classes)`` that is not
+    ignored.  This reads the targets on the host (a synchronisation on CUDA)."""
+    bad = (target < 0) | (target >= n_classes)
+    bad &= target != ignore_index
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        value = int(target[index])
+        raise ValueError(
+            f"target[{index}] = {value} is outside the class range [0, {n_classes}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+def _transformed(x: Tensor, spec: LossSpec, out: Tensor | None) -> Tensor:
+    """z = softcap * tanh(logit_scale * x / softcap), into ``out`` when there is a transform."""
+    if not (spec.has_scale or spec.has_softcap):
+        return x
+    z = torch.mul(x, spec.logit_scale, out=out)
+    if spec.has_softcap:
+        z.div_(spec.softcap).tanh_().mul_(spec.softcap)
+    return z
+
+
+def _row_reference(x0: Tensor, spec: LossSpec) -> Tensor:
+    """Each row's reference logit for the smoothing sum: its first transformed logit when
+    finite, else 0 (the kernels' ``_row_reference``)."""
+    z0 = _transformed(x0, spec, None)
+    return torch.where(torch.isfinite(z0), z0, 0.0)
+
+
+def _chunks(n_rows: int, n_cols: int, chunk_elements: int):
+    rows = max(1, chunk_elements // max(n_cols, 1))
+    for r0 in range(0, n_rows, rows):
+        yield r0, min(r0 + rows, n_rows)
+
+
+def _weighted_row_sum(v: Tensor, weight: Tensor | None) -> Tensor:
+    return v @ weight if weight is not None else v.sum(dim=1)
+
+
+def row_stats(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    spec: LossSpec,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> RowStats:
+    """``fusedce.kernels.ce_row_stats`` with PyTorch: one partial per row (P = 1)."""
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    acc = accumulation_dtype(logits.dtype)
+    partials = torch.empty(3, n_rows, 1, dtype=acc, device=device)
+    argmax = torch.empty((n_rows, 1) if spec.return_stats else (0,), dtype=torch.int32,
+                         device=device)
+    rows = min(max(1, chunk_elements // max(n_cols, 1)), n_rows)
+    scratch = torch.empty(rows, n_cols, dtype=acc, device=device)
+    z_scratch = (torch.empty(rows, n_cols, dtype=acc, device=device)
+                 if spec.has_scale or spec.has_softcap else None)
+    for r0, r1 in _chunks(n_rows, n_cols, chunk_elements):
+        ignored = target[r0:r1] == spec.ignore_index
+        x = logits[r0:r1].to(acc)
+        z = _transformed(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
+        buf = scratch[: r1 - r0]
+        m = z.amax(dim=1)
+        if spec.return_stats:
+            argmax[r0:r1, 0] = torch.where(ignored, _INT32_MAX, z.argmax(dim=1).to(torch.int32))
+        sz = torch.zeros_like(m)
+        if spec.has_smoothing:
+            ref = _row_reference(x[:, 0], spec)
+            sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
+        d = torch.sub(z, m.unsqueeze(1), out=buf).exp_().sum(dim=1)
+        partials[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
+        partials[1, r0:r1, 0] = torch.where(ignored, 0.0, d)
+        partials[2, r0:r1, 0] = torch.where(ignored, 0.0, sz)
+    return RowStats(partials, argmax)
+
+
+def _merge(stats: RowStats) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(N, P) partials -> per row (max m, sum exp(z - m), weighted sum, first argmax)."""
+    pm, pd, psz = stats.partials
+    m = pm.amax(dim=1)
+    d = (pd * torch.exp(pm - m.unsqueeze(1))).sum(dim=1)
+    first = None
+    if stats.argmax.numel():
+        first = torch.where(pm == m.unsqueeze(1), stats.argmax.long(),
+                            torch.iinfo(torch.int64).max).amin(dim=1)
+    return m, d, psz.sum(dim=1), first
+
+
+def ce_fwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_sum: Tensor | None,
+    scale: Tensor | None,
+    spec: LossSpec,
+    grad: Tensor | None,
+    *,
+    row_stats: RowStats | None = None,
+    vocab: VocabSlice | None = None,
+    stats_out: Tensor | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> RowResults:
+    """Per-row cross-entropy, its extras, and the scaled gradient of the logits, with PyTorch.
+
+    Arguments and results are those of ``fusedce.kernels.ce_fwd`` (``weight``, ``weight_sum``
+    and ``scale`` in the accumulation dtype), except that a target outside ``[0, n_classes)``
+    that is not ``spec.ignore_index`` raises ``ValueError`` and that float64 logits are computed
+    in float64.
+    """
+    n_rows, n_cols = logits.shape
+    n_classes = vocab.n_classes if vocab is not None else n_cols
+    check_targets(target, n_classes, spec.ignore_index)
+    device = logits.device
+    acc = accumulation_dtype(logits.dtype)
+
+    def rows_of(n: int) -> Tensor:
+        return torch.empty(n, dtype=acc, device=device)
+
+    out = RowResults(rows_of(n_rows), rows_of(n_rows), rows_of(n_rows if spec.has_z_loss else 0),
+                     rows_of(n_rows if spec.return_stats else 0))
+    if n_rows == 0:
+        return out
+    merged = _merge(row_stats) if row_stats is not None else None
+    eps = float(spec.label_smoothing)
+    transformed = spec.has_scale or spec.has_softcap
+    rows = min(max(1, chunk_elements // max(n_cols, 1)), n_rows)
+    # A gradient in the accumulation dtype with packed rows is built in its destination; any
+    # other in a scratch chunk, then copied (only into the destination's own elements).
+    in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
+    scratch = None if in_place else torch.empty(rows, n_cols, dtype=acc, device=device)
+    z_scratch = torch.empty(rows, n_cols, dtype=acc, device=device) if transformed else None
+    w_sum = weight_sum if weight is not None else float(n_classes)
+    start = vocab.start if vocab is not None else 0
+    for r0, r1 in _chunks(n_rows, n_cols, chunk_elements):
+        x = logits[r0:r1].to(acc)  # a view in the accumulation dtype, a cache-sized copy else
+        t = target[r0:r1]
+        ignored = t == spec.ignore_index
+        local = torch.where(ignored, 0, t - start)
+        owned = (local >= 0) & (local < n_cols) & ~ignored
+        local = torch.where(owned, local, 0).unsqueeze(1)
+        buf = grad[r0:r1] if in_place else scratch[: r1 - r0]
+
+        # 1. What is needed of the logits before buf (which may be x itself) is overwritten: the
+        #    target logit and the reference logit (transformed alone), the transformed chunk z,
+        #    its max m, first argmax.
+        z_t = (vocab.target_logit[r0:r1].to(acc) if vocab is not None
+               else _transformed(x.gather(1, local).squeeze(1), spec, None))
+        ref = None
+        if spec.has_smoothing and vocab is None:
+            ref = _row_reference(x[:, 0], spec)
+        z = _transformed(x, spec, z_scratch[: r1 - r0] if transformed else None)
+
+        # 2. log d (d = sum exp(z - m)), the smoothing sum, and the probabilities into buf.
+        if merged is None:
+            m = z.amax(dim=1)
+            first = z.argmax(dim=1) if spec.return_stats else None
+            if grad is None:
+                # The loss alone: one fused log-softmax pass, whose max is -log d and whose
+                # entries are exact to rounding (computed relative to the max by PyTorch).
+                torch._log_softmax(z, 1, False, out=buf)
+                log_d = -buf.amax(dim=1)
+                smooth = sz = None
+                if eps > 0.0:
+                    smooth = -_weighted_row_sum(buf, weight)
+                    sz = w_sum * (log_d + (m - ref)) - smooth
+            else:
+                sz = None
+                if eps > 0.0:
+                    sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
+                    z_soft = buf  # softmax is shift-invariant: softmax(z - ref) = softmax(z)
+                else:
+                    z_soft = z
+                # Softmax in one fused pass; its largest entry 1/d gives log d exactly.
+                torch._softmax(z_soft, 1, False, out=buf)
+                log_d = -buf.amax(dim=1).log()
+                smooth = w_sum * (log_d + (m - ref)) - sz if eps > 0.0 else None
+        else:
+            # Row statistics merged elsewhere (vocabulary parallelism, recomputing backward).
+            m, d, sz, first = (v[r0:r1] if v is not None else None for v in merged)
+            log_d = d.log()
+            if vocab is not None:
+                ref = m  # the merged weighted sum is relative to the merged max
+            smooth = w_sum * (log_d + (m - ref)) - sz if eps > 0.0 else None
+            if grad is not None:
+                torch.sub(z, m.unsqueeze(1), out=buf).sub_(log_d.unsqueeze(1)).exp_()  # p
+        lse = m + log_d
+        if stats_out is not None:
+            stats_out[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
+            stats_out[1, r0:r1, 0] = torch.where(ignored, 0.0, log_d.exp())
+            stats_out[2, r0:r1, 0] = torch.where(ignored, 0.0, sz) if eps > 0.0 else 0.0
+        if spec.return_stats:
+            out.correct[r0:r1] = ((first == t) & ~ignored).to(acc)
+
+        # 3. The loss, relative to the row max.
+        if weight is None:
+            w_t = 1.0
+        elif vocab is not None:
+            w_t = vocab.target_weight[r0:r1].to(acc)
+        else:
+            w_t = weight[local.squeeze(1)]
+        row_loss = (1.0 - eps) * w_t * ((m - z_t) + log_d)
+        if smooth is not None:
+            row_loss = row_loss + eps / n_classes * smooth
+        if spec.has_z_loss:
+            row_z = torch.where(ignored, 0.0, spec.lse_square_scale * w_t * lse * lse)
+            out.z_loss[r0:r1] = row_z
+            row_loss = row_loss + row_z
+        out.loss[r0:r1] = torch.where(ignored, 0.0, row_loss)
+        out.lse[r0:r1] = torch.where(ignored, 0.0, lse)
+
+        # 4. The gradient: scale * (a * p - b * onehot(t) - s * w) * dz/dx, zero when ignored.
+        if grad is None:
+            continue
+        _gradient_chunk(buf, z, spec, ignored, owned, local, w_t, weight, w_sum, n_classes,
+                        scale if scale.numel() == 1 else scale[r0:r1], lse)
+        if not in_place:
+            grad[r0:r1].copy_(buf)
+    return out
+
+
+def _gradient_chunk(buf: Tensor, z: Tensor, spec: LossSpec, ignored: Tensor, owned: Tensor,
+                    local: Tensor, w_t, weight: Tensor | None, w_sum, n_classes: int,
+                    scale: Tensor, lse: Tensor) -> None:
+    """Turn the probabilities in ``buf`` into the scaled gradient of the logits, in place."""
+    eps = float(spec.label_smoothing)
+    row_scale = torch.where(ignored, 0.0, scale)
+    b = row_scale * (1.0 - eps) * w_t
+    s = row_scale * (eps / n_classes)
+    a = b + s * w_sum
+    if spec.has_z_loss:
+        a = a + row_scale * 2.0 * spec.lse_square_scale * w_t * torch.where(ignored, 0.0, lse)
+    buf.mul_(a.unsqueeze(1))
+    buf.scatter_add_(1, local, torch.where(owned, -b, 0.0).unsqueeze(1).to(buf.dtype))
+    if eps > 0.0:
+        if weight is not None:
+            buf.addr_(s, weight, alpha=-1.0)
+        else:
+            buf.sub_(s.unsqueeze(1))
+    if spec.has_softcap:
+        buf.mul_(z.div_(spec.softcap).square_().neg_().add_(1.0))  # 1 - tanh^2
+    if spec.has_scale:
+        buf.mul_(spec.logit_scale)
+    if bool(ignored.any()):
+        buf.masked_fill_(ignored.unsqueeze(1), 0.0)  # exact zeros even for non-finite logits
+
+
+def ce_bwd(grad: Tensor, grad_output: Tensor) -> None:
+    """Multiply the stored gradient by ``grad_output`` (a scalar or one value per row) in place."""
+    factor = grad_output.reshape(-1, 1) if grad_output.dim() > 0 else grad_output
+    if factor.device.type == "cpu" and factor.numel() == 1 and float(factor) == 1.0:
+        return  # free to check on the host, and the common case
+    grad.mul_(factor)
+
+
+__all__ = ["CHUNK_ELEMENTS", "ce_bwd", "ce_fwd", "check_targets", "row_stats"]

@@ -1,0 +1,419 @@
+"""Triton kernels for cross-entropy over class-index targets.  This module imports only Triton:
+any Triton host (PyTorch through ``fusedce.kernels.cross_entropy``, JAX through jax-triton, ...)
+can launch the same kernels with its own arrays.
+
+Math (one row of logits ``x`` of length ``C``, target ``t``, class weights ``w`` (all ones when
+absent), ``W = sum_c w_c``, label smoothing ``eps``, z-loss scale ``lam``).  The logits are first
+transformed, elementwise::
+
+    z = logit_scale * x                      then, with a softcap c:   z = c * tanh(z / c)
+
+Everything is formed relative to the row max ``m``, with ``d = sum_c exp(z_c - m)`` (so that a
+large common offset of the logits costs no precision, and ties stay ties)::
+
+    lse  = m + log d
+    loss = (1 - eps) * w_t * ((m - z_t) + log d)
+           + (eps / C) * (W * (log d + m - ref) - sum_c w_c * (z_c - ref))      (ref: see below)
+           + lam * w_t * lse^2
+    p_c  = exp((z_c - m) - log d)
+    dloss/dz_c = ((1 - eps) * w_t + eps * W / C + 2 * lam * w_t * lse) * p_c
+                 - (1 - eps) * w_t * [c == t] - (eps / C) * w_c
+    dz_c/dx_c  = logit_scale * (1 - tanh^2(logit_scale * x_c / c))   (logit_scale without softcap)
+
+Without smoothing and z-loss this is ``w_t * (lse - z_t)``; the smoothing term is PyTorch's
+``-(eps / C) * sum_c w_c * log_softmax(z)_c``, its sum taken relative to the row's reference
+logit ``ref`` (its first transformed logit when finite, else 0) so that it adds up without
+cancellation for large logits; the z-loss is PaLM's ``lam * lse^2`` (Chowdhery et al. 2022,
+section 5), weighted by the target's class weight like the rest of the row's loss.
+
+The log-sum-exp is computed online (Milakov & Gimelshein 2018, "Online normalizer calculation
+for softmax"): each lane of a ``BLOCK_SIZE`` vector keeps its own running max and sum of
+``exp(z - max)``, rescaled when its max grows; lanes are merged once at the end.
+
+A row whose target equals ``ignore_index`` has loss 0 and gradient 0 and its logits are never
+read.  A target outside ``[0, C)`` that is not ignored is never used as an address: its row gets a
+NaN loss and a NaN gradient.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Running maxima start at the most negative finite float32 rather than -inf, so that a lane which
+# has only seen -inf logits (masked vocabulary entries) rescales by exp(0) instead of exp(nan).
+_MIN_F32 = tl.constexpr(-3.4028234663852886e38)
+_MAX_I32 = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf/inf for large |u|.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """z = logit_scale * x, then softcap * tanh(z / softcap); float32 in, float32 out."""
+    z = x
+    if HAS_SCALE:
+        z = z * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _row_reference(row_ptr, read, logit_scale, softcap, HAS_SCALE: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr):
+    """The row's reference logit for the smoothing sum: its first transformed logit if finite
+    (and ``read``), else 0."""
+    x0 = tl.load(row_ptr, mask=read, other=0.0).to(tl.float32)
+    z0 = _transform(x0, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    return tl.where(tl.abs(z0) < float("inf"), z0, 0.0)
+
+
+@triton.jit
+def _row_chunk_stats(
+    row_ptr,  # pointer to column 0 of the row
+    weight_ptr,
+    col_start,
+    col_end,  # exclusive; col_end <= col_start means an empty chunk
+    ref,  # the row's reference logit (smoothing only)
+    logit_scale,
+    softcap,
+    BLOCK_SIZE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    RETURN_STATS: tl.constexpr,
+):
+    """Online (max m, sum exp(z - m), sum w*(z - ref), first argmax) over [col_start, col_end)."""
+    cols = tl.arange(0, BLOCK_SIZE)
+    m_vec = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+    sz_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+    i_vec = tl.full([BLOCK_SIZE], _MAX_I32, tl.int32)
+    for start in range(col_start, col_end, BLOCK_SIZE):
+        offs = start + cols
+        mask = offs < col_end
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        z = tl.where(mask, z, -float("inf"))
+        m_new = tl.maximum(m_vec, z)
+        d_vec = d_vec * tl.exp(m_vec - m_new) + tl.exp(z - m_new)
+        if RETURN_STATS:
+            # Columns grow along a lane, so a strict > keeps each lane's first maximum.
+            i_vec = tl.where(z > m_vec, offs.to(tl.int32), i_vec)
+        m_vec = m_new
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                sz_vec += tl.where(mask, w * (z - ref), 0.0)
+            else:
+                sz_vec += tl.where(mask, z - ref, 0.0)
+    m = tl.max(m_vec, axis=0)
+    d = tl.sum(d_vec * tl.exp(m_vec - m), axis=0)
+    sz = tl.sum(sz_vec, axis=0)
+    idx = tl.min(tl.where(m_vec == m, i_vec, _MAX_I32), axis=0)
+    return m, d, sz, idx
+
+
+@triton.jit
+def _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
+                    PARTIAL_BLOCK: tl.constexpr, RETURN_STATS: tl.constexpr):
+    """Merge a row's partial (max, sum exp, weighted sum, argmax), always in the same order, so
+    results are bitwise reproducible."""
+    s = tl.arange(0, PARTIAL_BLOCK)
+    smask = s < n_partials
+    part = row * n_partials + s
+    plane = n_rows * n_partials
+    m_part = tl.load(partial_ptr + part, mask=smask, other=_MIN_F32)
+    d_part = tl.load(partial_ptr + plane + part, mask=smask, other=0.0)
+    m = tl.max(m_part, axis=0)
+    d = tl.sum(d_part * tl.exp(m_part - m), axis=0)
+    sz = tl.sum(tl.load(partial_ptr + 2 * plane + part, mask=smask, other=0.0), axis=0)
+    idx = _MAX_I32
+    if RETURN_STATS:
+        i_part = tl.load(partial_idx_ptr + part, mask=smask, other=_MAX_I32)
+        idx = tl.min(tl.where(m_part == m, i_part, _MAX_I32), axis=0)
+    return m, d, sz, idx
+
+
+@triton.jit
+def _ce_stats_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    partial_ptr,
+    partial_idx_ptr,
+    stride_logits_row,
+    n_rows,
+    n_cols,
+    cols_per_split,
+    n_splits,
+    ignore_index,
+    logit_scale,
+    softcap,
+    BLOCK_SIZE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    RETURN_STATS: tl.constexpr,
+):
+    """Partial statistics of each row, one program per (row, vocabulary chunk); reads each
+    counted row's logits once and writes nothing logits-sized.
+
+    Args:
+        logits_ptr: (n_rows, n_cols) fp32/bf16/fp16 logits, unit column stride.
+        target_ptr: (n_rows,) int64 class ids (global ids under vocabulary parallelism).
+        weight_ptr: (n_cols,) fp32 class weights of these columns, read when HAS_WEIGHT.
+        partial_ptr: (3, n_rows, n_splits) fp32 out: chunk max m_k, sum exp(z - m_k), and sum
+            w * (z - ref) (0 without smoothing; ref: ``_row_reference`` of this row).
+        partial_idx_ptr: (n_rows, n_splits) int32 out: the chunk's first argmax (column of these
+            logits), written when RETURN_STATS.
+        stride_logits_row: elements between rows.
+        cols_per_split: columns per chunk, a multiple of BLOCK_SIZE.
+        ignore_index: target value of rows that read nothing; they give (min, 0, 0).
+        logit_scale, softcap: the transform (see the module docstring); flags say which apply.
+        BLOCK_SIZE: columns per load, a power of two.
+        HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP: which options are on.
+        RETURN_STATS: also find each chunk's first argmax (token accuracy).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_row
+    ignored = tl.load(target_ptr + row).to(tl.int64) == ignore_index
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n_cols)
+    # 1. Ignored rows read nothing: an empty chunk leaves (m, d, sz) = (min, 0, 0).
+    col_end = tl.where(ignored, col_start, col_end)
+    ref = 0.0
+    if HAS_SMOOTHING:
+        ref = _row_reference(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
+                             HAS_SCALE, HAS_SOFTCAP)
+    # 2. One pass over the chunk.
+    m, d, sz, idx = _row_chunk_stats(
+        row_ptr, weight_ptr, col_start, col_end, ref, logit_scale, softcap,
+        BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
+        HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP, RETURN_STATS=RETURN_STATS,
+    )
+    # 3. The partials, plane by plane.
+    out = row * n_splits + split
+    plane = n_rows * n_splits
+    tl.store(partial_ptr + out, m)
+    tl.store(partial_ptr + plane + out, d)
+    tl.store(partial_ptr + 2 * plane + out, sz)
+    if RETURN_STATS:
+        tl.store(partial_idx_ptr + out, idx)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    weight_sum_ptr,
+    scale_ptr,
+    partial_ptr,
+    partial_idx_ptr,
+    target_logit_ptr,
+    target_weight_ptr,
+    loss_ptr,
+    lse_ptr,
+    z_loss_ptr,
+    correct_ptr,
+    stats_ptr,
+    grad_ptr,
+    stride_logits_row,
+    stride_grad_row,
+    stride_scale,
+    n_rows,
+    n_cols,
+    n_classes,
+    vocab_start,
+    cols_per_split,
+    n_partials,
+    ignore_index,
+    label_smoothing,
+    logit_scale,
+    softcap,
+    lse_square_scale,
+    BLOCK_SIZE: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr,
+    MERGE: tl.constexpr,
+    VOCAB_PARALLEL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    RETURN_STATS: tl.constexpr,
+    STORE_STATS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+):
+    """Loss, log-sum-exp, extras and the gradient of the logits in one launch: one program per
+    (row, vocabulary chunk).
+
+    Args:
+        logits_ptr: (n_rows, n_cols) fp32/bf16/fp16 logits, unit column stride.
+        target_ptr: (n_rows,) int64 class ids (global under VOCAB_PARALLEL).
+        weight_ptr: (n_cols,) fp32 class weights of these columns, read when HAS_WEIGHT.
+        weight_sum_ptr: (1,) fp32 sum of all n_classes class weights, read when HAS_WEIGHT.
+        scale_ptr: (1,) or (n_rows,) fp32 factor of the gradient (the reduction's 1/denominator,
+            times a per-row grad_output for a recomputing backward), read when COMPUTE_GRAD.
+        partial_ptr, partial_idx_ptr: (3, n_rows, n_partials) fp32 and (n_rows, n_partials)
+            int32 row statistics (``_ce_stats_kernel``'s layout) read instead of a pass over the
+            row when MERGE.  Under VOCAB_PARALLEL their weighted sums are relative to the merged
+            max instead of the row's reference.
+        target_logit_ptr: (n_rows,) fp32 transformed target logit, read when VOCAB_PARALLEL.
+        target_weight_ptr: (n_rows,) fp32 target's class weight, VOCAB_PARALLEL and HAS_WEIGHT.
+        loss_ptr: (n_rows,) fp32 out, z-loss included; lse_ptr: (n_rows,) fp32 out.
+        z_loss_ptr: (n_rows,) fp32 out lam * w_t * lse^2, written when HAS_ZLOSS.
+        correct_ptr: (n_rows,) fp32 out, 1.0 where the first argmax is the target, RETURN_STATS.
+        stats_ptr: (3, n_rows, 1) fp32 out, each row's merged (m, d, weighted sum) in
+            ``_ce_stats_kernel``'s layout, written when STORE_STATS (for a recomputing
+            backward, which passes them back with MERGE).
+        grad_ptr: (n_rows, n_cols) out, the logits' dtype, unit column stride, may alias
+            logits_ptr (each element is read before the same program writes it); COMPUTE_GRAD.
+        stride_scale: 0 for one scale, 1 for one per row.
+        n_cols: columns held here; n_classes: classes in all (n_cols unless VOCAB_PARALLEL);
+            vocab_start: global id of column 0.
+        cols_per_split: columns per program along the row, a multiple of BLOCK_SIZE.
+        n_partials: statistics per row to merge (MERGE); PARTIAL_BLOCK: its next power of two.
+        ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale: the options.
+        HAS_*, RETURN_STATS: which options are on; STORE_STATS: write stats_ptr;
+        COMPUTE_GRAD: write the gradient.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_row
+    target = tl.load(target_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < n_classes)
+    read_t = valid & (~ignored)
+    local_target = target - vocab_start  # in [0, n_cols) when this slice holds the target
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n_cols)
+
+    # 1. The row's statistics: max m, d = sum exp(z - m), weighted sum, first argmax.
+    ref = 0.0
+    if HAS_SMOOTHING and not VOCAB_PARALLEL:
+        ref = _row_reference(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
+                             HAS_SCALE, HAS_SOFTCAP)
+    if MERGE:
+        m, d, sz, idx = _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
+                                        PARTIAL_BLOCK=PARTIAL_BLOCK, RETURN_STATS=RETURN_STATS)
+        if VOCAB_PARALLEL:
+            ref = m  # the merged weighted sum is relative to the merged max
+    else:
+        m, d, sz, idx = _row_chunk_stats(
+            row_ptr, weight_ptr, 0, tl.where(ignored, 0, n_cols), ref, logit_scale, softcap,
+            BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
+            HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP, RETURN_STATS=RETURN_STATS,
+        )
+    log_d = tl.log(d)
+    lse = m + log_d
+
+    # 2. The loss, relative to the row max.  The target logit is one scalar load, masked unless
+    #    the target is in range.
+    if VOCAB_PARALLEL:
+        z_t = tl.load(target_logit_ptr + row)
+        if HAS_WEIGHT:
+            w_t = tl.load(target_weight_ptr + row)
+    else:
+        safe_target = tl.where(valid, target, 0)
+        x_t = tl.load(row_ptr + safe_target, mask=read_t, other=0.0).to(tl.float32)
+        z_t = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + safe_target, mask=read_t, other=0.0)
+    z_t = tl.where(valid, z_t, float("nan"))
+    if HAS_WEIGHT:
+        w_sum = tl.load(weight_sum_ptr)
+    else:
+        w_t = 1.0
+        w_sum = n_classes * 1.0
+    loss = (1.0 - label_smoothing) * w_t * ((m - z_t) + log_d)
+    if HAS_SMOOTHING:
+        loss += label_smoothing / n_classes * (w_sum * (log_d + (m - ref)) - sz)
+    if HAS_ZLOSS:
+        z_loss = tl.where(ignored, 0.0, lse_square_scale * w_t * lse * lse)
+        loss += z_loss
+    loss = tl.where(ignored, 0.0, loss)
+    if split == 0:
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+        if HAS_ZLOSS:
+            tl.store(z_loss_ptr + row, z_loss)
+        if RETURN_STATS:
+            tl.store(correct_ptr + row, tl.where(read_t & (idx == target), 1.0, 0.0))
+        if STORE_STATS:
+            tl.store(stats_ptr + row, m)
+            tl.store(stats_ptr + n_rows + row, d)
+            tl.store(stats_ptr + 2 * n_rows + row, sz)
+
+    # 3. The gradient of this program's chunk:
+    #    g_c = scale * (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c, zero for an ignored row.
+    if COMPUTE_GRAD:
+        scale = tl.load(scale_ptr + row * stride_scale)
+        scale = tl.where(ignored, 0.0, scale)
+        scale = tl.where(valid | ignored, scale, float("nan"))
+        b = scale * (1.0 - label_smoothing) * w_t
+        s = scale * label_smoothing / n_classes
+        # An ignored row uses m = log d = 0 with every load masked off: p = 0 and g = 0 are
+        # written without reading the logits.
+        m_g = tl.where(ignored, 0.0, m)
+        log_d_g = tl.where(ignored, 0.0, log_d)
+        a = b + s * w_sum
+        if HAS_ZLOSS:
+            a += scale * 2.0 * lse_square_scale * w_t * tl.where(ignored, 0.0, lse)
+        read_end = tl.where(ignored, col_start, col_end)
+        cols = tl.arange(0, BLOCK_SIZE)
+        grad_row_ptr = grad_ptr + row * stride_grad_row
+        for start in range(col_start, col_end, BLOCK_SIZE):
+            offs = start + cols
+            mask = offs < col_end
+            x = tl.load(row_ptr + offs, mask=offs < read_end, other=0.0).to(tl.float32)
+            z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            p = tl.where(offs < read_end, tl.exp((z - m_g) - log_d_g), 0.0)
+            g = a * p - tl.where(offs == local_target, b, 0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    g -= s * tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                else:
+                    g -= s
+            if HAS_SOFTCAP:
+                th = z / softcap  # tanh(logit_scale * x / softcap)
+                g = g * (1.0 - th * th)
+            if HAS_SCALE:
+                g = g * logit_scale
+            tl.store(grad_row_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    grad_ptr,
+    grad_output_ptr,
+    stride_grad_row,
+    stride_grad_output,
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """grad[row, :] *= grad_output[row]; a program whose factor is exactly 1 does nothing.
+
+    Args:
+        grad_ptr: (n_rows, n_cols) gradient of the logits, unit column stride, scaled in place.
+        grad_output_ptr: fp32 scalar (stride_grad_output 0) or one factor per row.
+        BLOCK_SIZE: columns per program (the grid's second axis covers the row).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    factor = tl.load(grad_output_ptr + row * stride_grad_output).to(tl.float32)
+    if factor != 1.0:
+        offs = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n_cols
+        ptr = grad_ptr + row * stride_grad_row + offs
+        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)

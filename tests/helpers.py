@@ -1,0 +1,37 @@
+"""Helpers shared by the test files (imported as ``helpers``: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+
+import fusedce
+from fusedce import CrossEntropyFunction, LossSpec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grad_output_for(reduction: str, n_rows: int, device, scalar: float = 0.7) -> torch.Tensor:
+    """A random per-row grad_output for ``none``, else the scalar (not 1, so the backward's
+    scaling runs)."""
+    if reduction == "none":
+        return torch.randn(n_rows, device=device)
+    return torch.tensor(scalar, device=device)
+
+
+def function_loss(logits, target, weight=None, num_items_in_batch=None, **options):
+    """``CrossEntropyFunction.apply`` with a ``LossSpec`` built from keywords (kernel-path tests
+    use ``block_size=``/``n_splits=`` here); returns ``(loss, lse, z_loss, accuracy)``."""
+    options.setdefault("impl", "triton")
+    spec = LossSpec(**options)
+    if weight is not None:
+        weight = weight.float().contiguous()
+    return CrossEntropyFunction.apply(logits, target.long(), weight, num_items_in_batch, spec)
+
+
+__all__ = ["fusedce", "free_port", "function_loss", "grad_output_for"]
