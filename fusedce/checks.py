@@ -208,17 +208,35 @@ def check_inplace_target(input: Tensor, logits: Tensor) -> None:
             f"shape {tuple(logits.shape)} with strides {logits.stride()} (an expanded or "
             f"as_strided tensor): pass inplace_backward=False, or a contiguous copy"
         )
-    base = input
-    while base._base is not None:
-        base = base._base
-    if base.is_leaf and base.requires_grad:
-        what = "a leaf tensor that requires grad" if base is input else \
-            "a view of a leaf tensor that requires grad"
-        raise RuntimeError(
-            f"inplace_backward=True would overwrite {what} (a parameter or an input, whose "
-            f"values autograd still needs); PyTorch refuses in-place operations there too.  "
-            f"Pass inplace_backward=False, or logits computed from it (e.g. hidden @ W.T)"
-        )
+    if input.is_leaf and input.requires_grad:
+        what = "a leaf tensor that requires grad"
+    elif _is_view_of_grad_leaf(input):
+        what = "a view of a leaf tensor that requires grad"
+    else:
+        return
+    raise RuntimeError(
+        f"inplace_backward=True would overwrite {what} (a parameter or an input, whose "
+        f"values autograd still needs); PyTorch refuses in-place operations there too.  "
+        f"Pass inplace_backward=False, or logits computed from it (e.g. hidden @ W.T)"
+    )
+
+
+def _is_view_of_grad_leaf(t: Tensor) -> bool:
+    """Whether ``t`` is a view (through any chain of view operations) of a leaf that requires
+    grad: its autograd history is view nodes down to the leaf's accumulator."""
+    if torch.compiler.is_compiling() or not (t.requires_grad and t._is_view()):
+        return False  # (autograd history is not inspected while tracing)
+    node = t.grad_fn
+    while node is not None and type(node).__name__ in _VIEW_NODES:
+        node = node.next_functions[0][0]
+    return node is not None and type(node).__name__ == "AccumulateGrad"
+
+
+_VIEW_NODES = {f"{name}Backward0" for name in (
+    "View", "Slice", "Select", "AsStrided", "Expand", "T", "Transpose", "Permute", "Unsqueeze",
+    "Squeeze", "Alias", "UnsafeView", "Diagonal", "Unfold", "SplitWithSizes", "Split", "Unbind",
+    "Narrow", "Unflatten", "Movedim", "ReshapeAlias", "ViewAs")} | {"SqueezeBackward1",
+                                                                    "SqueezeBackward2"}
 
 
 _WARNED: set[str] = set()

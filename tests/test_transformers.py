@@ -138,11 +138,13 @@ def test_training_steps_match_transformers(per_model):
 def test_revert_restores_transformers_loss():
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
+    model = _tiny_model()
     fce_hf.apply()
     fce_hf.apply()  # twice is harmless
-    assert LOSS_MAPPING["ForCausalLM"] is fce_hf.causal_lm_loss
+    assert model.loss_function is fce_hf.causal_lm_loss
+    assert LOSS_MAPPING["ForCausalLM"] is ForCausalLMLoss  # Trainer reads the mapping
     fce_hf.revert()
-    assert LOSS_MAPPING["ForCausalLM"] is ForCausalLMLoss
+    assert model.loss_function is ForCausalLMLoss
     assert torch.nn.functional.cross_entropy.__module__ == "torch.nn.functional"
 
 
@@ -177,19 +179,25 @@ class _Rows(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _train(tmp_path, use_fusedce: bool):
+def _train(tmp_path, mode: str, monkeypatch=None):
+    """Three optimizer steps through Trainer (2 micro-batches each, padded rows) with the stock
+    loss, or fusedce applied to the model ("model") or process-wide ("global")."""
     model = _tiny_model(seed=1)
     calls = []
-    if use_fusedce:
+    real_loss = fce_hf.causal_lm_loss
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("num_items_in_batch"))
+        return real_loss(*args, **kwargs)
+
+    if mode == "model":
         fce_hf.apply(model)
-
-        def counted(*args, **kwargs):
-            calls.append(kwargs.get("num_items_in_batch"))
-            return fce_hf.causal_lm_loss(*args, **kwargs)
-
         model.loss_function = counted
+    elif mode == "global":
+        fce_hf.apply()
+        monkeypatch.setattr(fce_hf, "causal_lm_loss", counted)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / ("fce" if use_fusedce else "ref")),
+        output_dir=str(tmp_path / mode),
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
         learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
@@ -198,16 +206,20 @@ def _train(tmp_path, use_fusedce: bool):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows())
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if use_fusedce:
-        # Two micro-batches per step, each told the step's total number of counted tokens.
+    if mode != "stock":
+        # Two micro-batches per step, each told the step's total number of counted tokens,
+        # counted over the shifted labels as for transformers' own causal-LM loss.
         assert len(calls) == 6 and all(n is not None for n in calls)
+        assert getattr(trainer, "_loss_shifts_labels", True)
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
-def test_trainer_gradient_accumulation(tmp_path):
-    """Trainer passes num_items_in_batch; fusedce must give the same losses and weights."""
-    ref_losses, ref_params = _train(tmp_path, use_fusedce=False)
-    losses, params = _train(tmp_path, use_fusedce=True)
+@pytest.mark.parametrize("mode", ["model", "global"])
+def test_trainer_gradient_accumulation(tmp_path, mode, monkeypatch):
+    """Trainer passes num_items_in_batch; fusedce, per model or process-wide, must give the
+    same logged losses and weights as stock transformers."""
+    ref_losses, ref_params = _train(tmp_path, "stock")
+    losses, params = _train(tmp_path, mode, monkeypatch)
     assert len(losses) == len(ref_losses) == 3
     for ours, ref in zip(losses, ref_losses):
         assert ours == pytest.approx(ref, rel=1e-4)

@@ -30,10 +30,6 @@ from torch import Tensor
 
 from ..functional import cross_entropy
 
-# Loss-mapping entries that transformers points at ForCausalLMLoss, with what was there before.
-_PATCHED: dict[str, Any] = {}
-
-
 def causal_lm_loss(
     logits: Tensor,
     labels: Tensor,
@@ -128,10 +124,24 @@ def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                                   attentions=outputs.attentions)
 
 
-def _loss_mapping() -> dict[str, Any]:
+_ORIGINAL_PROPERTY: list[property] = []  # PreTrainedModel.loss_function before apply()
+
+
+def _is_causal_lm_loss(fn: Any) -> bool:
     from transformers.loss import loss_utils
 
-    return loss_utils.LOSS_MAPPING
+    return fn is loss_utils.ForCausalLMLoss
+
+
+def _patched_loss_function(original: property) -> property:
+    """``PreTrainedModel.loss_function`` that answers ``causal_lm_loss`` wherever transformers'
+    own answer is its causal-LM loss; a loss set on a model, and every other loss, unchanged."""
+
+    def getter(self):
+        fn = original.fget(self)
+        return causal_lm_loss if _is_causal_lm_loss(fn) else fn
+
+    return property(getter, original.fset, original.fdel, original.__doc__)
 
 
 def apply(model: Any | None = None, *, fused_linear: bool = False) -> None:
@@ -139,9 +149,11 @@ def apply(model: Any | None = None, *, fused_linear: bool = False) -> None:
 
     Args:
         model: a ``transformers.PreTrainedModel``: only that model (its ``loss_function``) is
-            changed.  None: every entry of transformers' loss mapping that uses its causal-LM
-            loss (``ForCausalLM`` and the loss types that share it) is pointed at fusedce, for
-            all models of the process, now and later.
+            changed.  None: every model of the process whose loss is transformers' causal-LM
+            loss (``ForCausalLM`` and the loss types that share it), now and later, through the
+            ``loss_function`` property of ``PreTrainedModel``.  transformers' ``LOSS_MAPPING``
+            is left as it is, because ``Trainer`` consults it to count the tokens of
+            ``num_items_in_batch`` over the shifted labels.
         fused_linear: (with a model) also replace its forward so that, when labels are given,
             the loss comes from the hidden states and the LM head through
             ``fusedce.linear_cross_entropy`` and no logits are materialised (the output's
@@ -163,13 +175,13 @@ def apply(model: Any | None = None, *, fused_linear: bool = False) -> None:
         return
     if fused_linear:
         raise ValueError("fused_linear=True needs a model: apply(model, fused_linear=True)")
-    from transformers.loss import loss_utils
+    if _ORIGINAL_PROPERTY:
+        return  # already applied
+    from transformers import PreTrainedModel
 
-    mapping = _loss_mapping()
-    for name, fn in list(mapping.items()):
-        if fn is loss_utils.ForCausalLMLoss and name not in _PATCHED:
-            _PATCHED[name] = fn
-            mapping[name] = causal_lm_loss
+    original = PreTrainedModel.__dict__["loss_function"]
+    _ORIGINAL_PROPERTY.append(original)
+    PreTrainedModel.loss_function = _patched_loss_function(original)
 
 
 def revert(model: Any | None = None) -> None:
@@ -180,18 +192,17 @@ def revert(model: Any | None = None) -> None:
         if "_fusedce_original_forward" in model.__dict__:
             model.forward = model.__dict__.pop("_fusedce_original_forward")
         return
-    mapping = _loss_mapping()
-    for name, fn in _PATCHED.items():
-        if mapping.get(name) is causal_lm_loss:
-            mapping[name] = fn
-    _PATCHED.clear()
+    if _ORIGINAL_PROPERTY:
+        from transformers import PreTrainedModel
+
+        PreTrainedModel.loss_function = _ORIGINAL_PROPERTY.pop()
 
 
 def is_applied(model: Any | None = None) -> bool:
     """Whether ``apply`` is in effect (for this model, or process-wide)."""
     if model is not None:
         return model.loss_function is causal_lm_loss
-    return bool(_PATCHED) and _loss_mapping().get("ForCausalLM") is causal_lm_loss
+    return bool(_ORIGINAL_PROPERTY)
 
 
 def build_labels(
