@@ -110,7 +110,7 @@ def _merged_stats(input: Tensor, target: Tensor, w_local: Tensor | None, spec: L
     local_sum = (pd * torch.exp(pm - local_max.unsqueeze(1))).sum(dim=1)
     local_wz = psz.sum(dim=1)
     if spec.has_smoothing:
-        # The partials' weighted sums are relative to this rank's reference logit (its first
+        # The partials' weighted sums are relative to this rank's anchor logit (its first
         # column, when finite); move them to the global max once it is known (below).
         z0 = _transform(input[:, 0], spec)
         ref = torch.where(torch.isfinite(z0), z0, 0.0)

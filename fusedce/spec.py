@@ -135,7 +135,7 @@ class RowStats(NamedTuple):
 
     ``partials`` is (3, N, P) in the accumulation dtype: each partial's max ``m_k``, its sum of
     ``exp(z - m_k)``, and, with label smoothing, its sum of ``w * (z - ref)`` where ``ref`` is the
-    row's reference logit (``row_reference``), so that partials of large logits add up without
+    row's anchor logit (``row_anchor``), so that partials of large logits add up without
     cancellation.  Ignored rows give (most negative finite, 0, 0).  ``argmax`` is (N, P) int32,
     the first column (global id) reaching ``m_k``, or an empty tensor without statistics.
     """

@@ -47,9 +47,9 @@ def _transformed(x: Tensor, spec: LossSpec, out: Tensor | None) -> Tensor:
     return z
 
 
-def _row_reference(x0: Tensor, spec: LossSpec) -> Tensor:
-    """Each row's reference logit for the smoothing sum: its first transformed logit when
-    finite, else 0 (the kernels' ``_row_reference``)."""
+def _row_anchor(x0: Tensor, spec: LossSpec) -> Tensor:
+    """Each row's anchor logit for the smoothing sum: its first transformed logit when
+    finite, else 0 (the kernels' ``_row_anchor``)."""
     z0 = _transformed(x0, spec, None)
     return torch.where(torch.isfinite(z0), z0, 0.0)
 
@@ -93,7 +93,7 @@ def row_stats(
             argmax[r0:r1, 0] = torch.where(ignored, _INT32_MAX, z.argmax(dim=1).to(torch.int32))
         sz = torch.zeros_like(m)
         if spec.has_smoothing:
-            ref = _row_reference(x[:, 0], spec)
+            ref = _row_anchor(x[:, 0], spec)
             sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
         d = torch.sub(z, m.unsqueeze(1), out=buf).exp_().sum(dim=1)
         partials[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
@@ -169,13 +169,13 @@ def ce_fwd(
         buf = grad[r0:r1] if in_place else scratch[: r1 - r0]
 
         # 1. What is needed of the logits before buf (which may be x itself) is overwritten: the
-        #    target logit and the reference logit (transformed alone), the transformed chunk z,
+        #    target logit and the anchor logit (transformed alone), the transformed chunk z,
         #    its max m, first argmax.
         z_t = (vocab.target_logit[r0:r1].to(acc) if vocab is not None
                else _transformed(x.gather(1, local).squeeze(1), spec, None))
         ref = None
         if spec.has_smoothing and vocab is None:
-            ref = _row_reference(x[:, 0], spec)
+            ref = _row_anchor(x[:, 0], spec)
         z = _transformed(x, spec, z_scratch[: r1 - r0] if transformed else None)
 
         # 2. log d (d = sum exp(z - m)), the smoothing sum, and the probabilities into buf.

@@ -21,7 +21,7 @@ large common offset of the logits costs no precision, and ties stay ties)::
     dz_c/dx_c  = logit_scale * (1 - tanh^2(logit_scale * x_c / c))   (logit_scale without softcap)
 
 Without smoothing and z-loss this is ``w_t * (lse - z_t)``; the smoothing term is PyTorch's
-``-(eps / C) * sum_c w_c * log_softmax(z)_c``, its sum taken relative to the row's reference
+``-(eps / C) * sum_c w_c * log_softmax(z)_c``, its sum taken relative to the row's anchor
 logit ``ref`` (its first transformed logit when finite, else 0) so that it adds up without
 cancellation for large logits; the z-loss is PaLM's ``lam * lse^2`` (Chowdhery et al. 2022,
 section 5), weighted by the target's class weight like the rest of the row's loss.
@@ -64,9 +64,9 @@ def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl
 
 
 @triton.jit
-def _row_reference(row_ptr, read, logit_scale, softcap, HAS_SCALE: tl.constexpr,
+def _row_anchor(row_ptr, read, logit_scale, softcap, HAS_SCALE: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr):
-    """The row's reference logit for the smoothing sum: its first transformed logit if finite
+    """The row's anchor logit for the smoothing sum: its first transformed logit if finite
     (and ``read``), else 0."""
     x0 = tl.load(row_ptr, mask=read, other=0.0).to(tl.float32)
     z0 = _transform(x0, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
@@ -79,7 +79,7 @@ def _row_chunk_stats(
     weight_ptr,
     col_start,
     col_end,  # exclusive; col_end <= col_start means an empty chunk
-    ref,  # the row's reference logit (smoothing only)
+    ref,  # the row's anchor logit (smoothing only)
     logit_scale,
     softcap,
     BLOCK_SIZE: tl.constexpr,
@@ -171,7 +171,7 @@ def _ce_stats_kernel(
         target_ptr: (n_rows,) int64 class ids (global ids under vocabulary parallelism).
         weight_ptr: (n_cols,) fp32 class weights of these columns, read when HAS_WEIGHT.
         partial_ptr: (3, n_rows, n_splits) fp32 out: chunk max m_k, sum exp(z - m_k), and sum
-            w * (z - ref) (0 without smoothing; ref: ``_row_reference`` of this row).
+            w * (z - ref) (0 without smoothing; ref: ``_row_anchor`` of this row).
         partial_idx_ptr: (n_rows, n_splits) int32 out: the chunk's first argmax (column of these
             logits), written when RETURN_STATS.
         stride_logits_row: elements between rows.
@@ -192,7 +192,7 @@ def _ce_stats_kernel(
     col_end = tl.where(ignored, col_start, col_end)
     ref = 0.0
     if HAS_SMOOTHING:
-        ref = _row_reference(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
+        ref = _row_anchor(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
                              HAS_SCALE, HAS_SOFTCAP)
     # 2. One pass over the chunk.
     m, d, sz, idx = _row_chunk_stats(
@@ -267,7 +267,7 @@ def _ce_fwd_kernel(
         partial_ptr, partial_idx_ptr: (3, n_rows, n_partials) fp32 and (n_rows, n_partials)
             int32 row statistics (``_ce_stats_kernel``'s layout) read instead of a pass over the
             row when MERGE.  Under VOCAB_PARALLEL their weighted sums are relative to the merged
-            max instead of the row's reference.
+            max instead of the row's anchor.
         target_logit_ptr: (n_rows,) fp32 transformed target logit, read when VOCAB_PARALLEL.
         target_weight_ptr: (n_rows,) fp32 target's class weight, VOCAB_PARALLEL and HAS_WEIGHT.
         loss_ptr: (n_rows,) fp32 out, z-loss included; lse_ptr: (n_rows,) fp32 out.
@@ -301,7 +301,7 @@ def _ce_fwd_kernel(
     # 1. The row's statistics: max m, d = sum exp(z - m), weighted sum, first argmax.
     ref = 0.0
     if HAS_SMOOTHING and not VOCAB_PARALLEL:
-        ref = _row_reference(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
+        ref = _row_anchor(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
                              HAS_SCALE, HAS_SOFTCAP)
     if MERGE:
         m, d, sz, idx = _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
