@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import platform
 import sys
 import time
@@ -20,9 +21,11 @@ import torch
 import fusedce
 
 from . import report
+from .cells import MODES, Cell, Result, run_contender
 from .contenders import CONTENDERS, package_version
+from .device import device_name, device_slug
 from .linear import LINEAR_CONTENDERS, LinearCell, parse_shape, run_linear
-from .harness import MODES, Cell, Result, copy_bandwidth, device_name, device_slug, run_contender
+from .timing import copy_bandwidth
 
 VOCABS = [32000, 50257, 128256, 151936, 262144]  # Llama-2, GPT-2, Llama-3, Qwen2.5, Gemma-3
 GPU_TOKENS = [1024, 4096, 8192, 16384, 32768]
@@ -124,6 +127,90 @@ def versions(contenders: list[str], linear_contenders: list[str]) -> dict[str, s
     return out
 
 
+def _run_ce(args, device, tokens, vocabs, runnable, loss_fns, bandwidth, generator
+            ) -> list[Result]:
+    """The cross-entropy suite: every (dtype, tokens, vocab, mode) cell, every contender."""
+    results: list[Result] = []
+    for dtype_name, n_tokens, vocab, mode in itertools.product(args.dtypes, tokens, vocabs,
+                                                               args.modes):
+        try:
+            cell = Cell(mode, DTYPES[dtype_name], n_tokens, vocab, device, generator)
+        except torch.OutOfMemoryError:
+            results += [Result(mode, str(DTYPES[dtype_name])[6:], n_tokens, vocab, name,
+                               "oom (inputs)") for name in runnable]
+            continue
+        cell_results = []
+        for name in runnable:
+            r = run_contender(cell, CONTENDERS[name], loss_fns[name], bandwidth)
+            cell_results.append(r)
+            print(f"{mode:15s} {dtype_name} {n_tokens:6d}x{vocab:<7d} {name:16s} "
+                  f"{r.status if r.status != 'ok' else f'{r.ms:9.3f} ms'}", flush=True)
+        _relative_to(cell_results, "torch-eager")
+        results.extend(cell_results)
+        del cell
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _run_linear(args, device, runnable, loss_fns, generator) -> list[Result]:
+    """The fused linear suite: every (dtype, shape) cell, every contender."""
+    shapes = args.linear_shapes or (GPU_LINEAR_SHAPES if device.type == "cuda"
+                                     else CPU_LINEAR_SHAPES)
+    dtypes = args.linear_dtypes or (["bf16"] if device.type == "cuda" else ["fp32"])
+    results: list[Result] = []
+    for dtype_name, shape in itertools.product(dtypes if runnable else [], shapes):
+        tokens, hidden, vocab = parse_shape(shape)
+        try:
+            cell = LinearCell(tokens, hidden, vocab, DTYPES[dtype_name], device, generator)
+        except torch.OutOfMemoryError:
+            continue
+        cell_results = []
+        for name in runnable:
+            r = run_linear(cell, LINEAR_CONTENDERS[name], loss_fns[name])
+            cell_results.append(r)
+            print(f"linear {dtype_name} {shape:18s} {name:18s} "
+                  f"{r.status if r.status != 'ok' else f'{r.ms:9.1f} ms'}", flush=True)
+        _relative_to(cell_results, "unfused")
+        results.extend(cell_results)
+        del cell
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _run_comm(vocabs, out: Path | None) -> list[dict]:
+    from . import comm
+
+    print("measuring vocabulary-parallel communication (gloo)...", flush=True)
+    rows = comm.measure(vocabs, out_dir=out)
+    for r in rows:
+        print(f"comm world {r['world']} vocab {r['vocab']:7d} accuracy {r['accuracy']!s:5s} "
+              f"fusedce {r['fusedce_bytes_per_token']:8.1f} B/token, gather "
+              f"{r['gather_bytes_per_token']:10.1f} B/token", flush=True)
+    return rows
+
+
+def _meta(args, argv, device, bandwidth, started, skipped) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "copy_bandwidth_gbps": round(bandwidth / 1e9, 2),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(args.contenders, args.linear_contenders),
+        "threads": torch.get_num_threads(),
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "duration_s": round(time.perf_counter() - started, 1),
+        "timing": ("CUDA events, median (triton.testing.do_bench)" if cuda
+                   else "wall clock after 1 warm-up, median of 5 (cross-entropy cells) or 3 "
+                        "(fused linear cells)"),
+        "memory": ("torch.cuda.max_memory_allocated above the inputs" if cuda
+                   else "peak resident set (VmHWM after clear_refs) above the resident set"),
+        "skipped": skipped,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,81 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device)
     print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     generator = torch.Generator().manual_seed(0)
-    results: list[Result] = []
     started = time.perf_counter()
-    for dtype_name in args.dtypes:
-        for n_tokens in tokens:
-            for vocab in vocabs:
-                for mode in args.modes:
-                    try:
-                        cell = Cell(mode, DTYPES[dtype_name], n_tokens, vocab, device, generator)
-                    except torch.OutOfMemoryError:
-                        for name in runnable:
-                            results.append(Result(mode, str(DTYPES[dtype_name])[6:], n_tokens,
-                                                  vocab, name, "oom (inputs)"))
-                        continue
-                    cell_results = []
-                    for name in runnable:
-                        r = run_contender(cell, CONTENDERS[name], loss_fns[name], bandwidth)
-                        cell_results.append(r)
-                        print(f"{mode:15s} {dtype_name} {n_tokens:6d}x{vocab:<7d} {name:16s} "
-                              f"{r.status if r.status != 'ok' else f'{r.ms:9.3f} ms'}",
-                              flush=True)
-                    _relative_to(cell_results, "torch-eager")
-                    results.extend(cell_results)
-                    del cell
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+    results = _run_ce(args, device, tokens, vocabs, runnable, loss_fns, bandwidth, generator)
+    results += _run_linear(args, device, linear_runnable, linear_fns, generator)
+    comm_rows = _run_comm(vocabs, None if args.no_plots else out) if "comm" in args.suites else []
 
-    linear_shapes = args.linear_shapes or (GPU_LINEAR_SHAPES if device.type == "cuda"
-                                           else CPU_LINEAR_SHAPES)
-    linear_dtypes = args.linear_dtypes or (["bf16"] if device.type == "cuda" else ["fp32"])
-    for dtype_name in linear_dtypes if linear_runnable else []:
-        for shape in linear_shapes:
-            tokens_, hidden, vocab = parse_shape(shape)
-            try:
-                cell = LinearCell(tokens_, hidden, vocab, DTYPES[dtype_name], device, generator)
-            except torch.OutOfMemoryError:
-                continue
-            cell_results = []
-            for name in linear_runnable:
-                r = run_linear(cell, LINEAR_CONTENDERS[name], linear_fns[name])
-                cell_results.append(r)
-                print(f"linear {dtype_name} {shape:18s} {name:18s} "
-                      f"{r.status if r.status != 'ok' else f'{r.ms:9.1f} ms'}", flush=True)
-            _relative_to(cell_results, "unfused")
-            results.extend(cell_results)
-            del cell
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    comm_rows = []
-    if "comm" in args.suites:
-        from . import comm
-
-        print("measuring vocabulary-parallel communication (gloo)...", flush=True)
-        comm_rows = comm.measure(vocabs, out_dir=None if args.no_plots else out)
-        for r in comm_rows:
-            print(f"comm world {r['world']} vocab {r['vocab']:7d} accuracy {r['accuracy']!s:5s} "
-                  f"fusedce {r['fusedce_bytes_per_token']:8.1f} B/token, gather "
-                  f"{r['gather_bytes_per_token']:10.1f} B/token", flush=True)
-
-    meta = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "copy_bandwidth_gbps": round(bandwidth / 1e9, 2),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": versions(args.contenders, args.linear_contenders),
-        "threads": torch.get_num_threads(),
-        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "duration_s": round(time.perf_counter() - started, 1),
-        "timing": ("CUDA events, median (triton.testing.do_bench)" if device.type == "cuda"
-                   else "wall clock after 1 warm-up, median of 5 (cross-entropy cells) or 3 "
-                        "(fused linear cells)"),
-        "memory": ("torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda"
-                   else "peak resident set (VmHWM after clear_refs) above the resident set"),
-        "skipped": skipped,
-    }
+    meta = _meta(args, argv, device, bandwidth, started, skipped)
     report.write_json(out / "results.json", meta, results, comm_rows)
     report.write_markdown(out / "results.md", meta, results, comm_rows)
     plots = [] if args.no_plots else report.write_plots(out, results)

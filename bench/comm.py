@@ -10,18 +10,13 @@ handed to them (an all-reduce's tensor, an all-gather's output).  The one-time l
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fusedce.testing import free_port
 
 
 def _count_collectives(counter: dict) -> None:
@@ -94,7 +89,7 @@ def measure(vocabs: list[int], worlds=(2, 4), tokens: int = 64, out_dir: Path | 
         for world in worlds:
             out_file = os.path.join(tmp, f"comm{world}.pt")
             ctx = mp.get_context("spawn")
-            port = _free_port()
+            port = free_port()
             procs = [ctx.Process(target=_worker, args=(r, world, port, vocabs, tokens, out_file))
                      for r in range(world)]
             for p in procs:

@@ -12,7 +12,6 @@ Errors: the loss, and the gradient of x on a sample of rows, against float64.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,8 @@ from torch import Tensor
 import fusedce
 from fusedce.testing import make_targets, rel_err
 
+from .cells import Result, measure
 from .contenders import Contender, _always, _cuda_only, _needs
-from .harness import Result, median_time_s, peak_extra_bytes, synchronize
 
 
 def _fusedce():
@@ -62,7 +61,8 @@ LINEAR_CONTENDERS: dict[str, Contender] = {
         Contender("fusedce", "fusedce.linear_cross_entropy", _fusedce, _always,
                   package="fusedce"),
         Contender("unfused", "F.cross_entropy(x @ W.T, t)", _unfused, _always, package="torch"),
-        Contender("torch-chunked", "F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())",
+        Contender("torch-chunked",
+                  "F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())",
                   _torch_chunked, _has_torch_chunked, package="torch"),
         Contender("liger-flce", "liger_kernel LigerFusedLinearCrossEntropyLoss", _liger,
                   _needs("liger_kernel", _cuda_only), package="liger-kernel"),
@@ -123,34 +123,22 @@ def run_linear(cell: LinearCell, contender: Contender, loss_fn) -> Result:
         loss.backward()
         return loss
 
-    try:
-        synchronize(cell.device)
-        t0 = time.perf_counter()
-        loss = step()
-        synchronize(cell.device)
-        first_s = time.perf_counter() - t0
+    def prepare() -> None:
+        x.grad = w.grad = None
+
+    def check(loss: Tensor) -> None:
         ref_loss, ref_grad = cell.reference()
         res.loss_err = rel_err(loss.float(), ref_loss)
         res.grad_err = rel_err(x.grad[cell.rows].float(), ref_grad)
-        del loss
-        x.grad = w.grad = None
-        peak = peak_extra_bytes(step, cell.device)
-        if peak is not None:
-            res.peak_extra_mib = peak / 2**20
-        seconds = median_time_s(step, cell.device, cpu_reps=3)
-        res.ms = seconds * 1e3
-        res.compile_s = max(0.0, first_s - seconds) if contender.compiled else None
+
+    seconds = measure(res, step, cell.device, prepare=prepare, check=check,
+                      compiled=contender.compiled, cpu_reps=3)
+    if seconds is not None:
         # 3 matrix products of 2*N*H*C flops each: logits, grad_input, grad_weight.
         res.tflops = 6 * cell.tokens * cell.hidden * cell.vocab / seconds / 1e12
-    except torch.OutOfMemoryError:
-        res = dataclasses.replace(res, status="oom", ms=None)
-    except Exception as exc:
-        res.status = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
-        res.ms = None
-    finally:
-        x.grad = w.grad = None
-        if cell.device.type == "cuda":
-            torch.cuda.empty_cache()
+    x.grad = w.grad = None
+    if cell.device.type == "cuda":
+        torch.cuda.empty_cache()
     return res
 
 

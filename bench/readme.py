@@ -36,87 +36,101 @@ def _cell(r: dict) -> str:
     return text
 
 
+def _ce_lines(results: list[dict]) -> list[str]:
+    """The headline cross-entropy tables: one per headline mode, contenders by vocabulary."""
+    dtype, tokens, rows = _headline(results)
+    if not rows:
+        return []
+    lines = [f"{dtype}, {tokens} tokens. Each cell: median time, achieved bandwidth as % of "
+             "copy bandwidth (minimum bytes: logits read once, plus gradient written once "
+             "with a backward), peak memory above the inputs.", ""]
+    vocabs = sorted({r["vocab"] for r in rows})
+    for mode in HEADLINE_MODES:
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        if not mode_rows:
+            continue
+        lines += [f"`{mode}`:", "", "| contender | " + " | ".join(
+            f"vocab {v}" for v in vocabs) + " |", "|---|" + "---|" * len(vocabs)]
+        for name in dict.fromkeys(r["contender"] for r in mode_rows):
+            by_vocab = {r["vocab"]: r for r in mode_rows if r["contender"] == name}
+            if all(r["status"].startswith("skipped") for r in by_vocab.values()):
+                continue
+            lines.append(f"| {name} | " + " | ".join(
+                _cell(by_vocab[v]) if v in by_vocab else "—" for v in vocabs) + " |")
+        lines.append("")
+    return lines
+
+
+def _linear_lines(results: list[dict]) -> list[str]:
+    linear = [r for r in results if r.get("hidden") is not None]
+    if not linear:
+        return []
+    lines = ["Fused linear cross-entropy, forward + backward:", "",
+             "| tokens × hidden × vocab | dtype | contender | time | peak extra memory |"
+             " vs unfused |", "|---|---|---|---|---|---|"]
+    for r in linear:
+        shape = f"{r['tokens']} × {r['hidden']} × {r['vocab']}"
+        if r["status"] != "ok":
+            lines.append(f"| {shape} | {r['dtype']} | {r['contender']} | "
+                         f"{r['status'].split(':')[0]} | — | — |")
+            continue
+        speed = f"{r['speedup_vs_eager']:.2f}×" if r.get("speedup_vs_eager") else "—"
+        lines.append(f"| {shape} | {r['dtype']} | {r['contender']} | {r['ms']:.0f} ms | "
+                     f"{r['peak_extra_mib']:.0f} MiB | {speed} |")
+    return lines + [""]
+
+
+def _comm_lines(comm_rows: list[dict]) -> list[str]:
+    comm = [r for r in comm_rows if not r["accuracy"]]
+    if not comm:
+        return []
+    worlds = sorted({r["world"] for r in comm})
+    lines = ["Vocabulary-parallel communication, measured payload per token per rank "
+             f"(bf16, forward + backward, {', '.join(map(str, worlds))} gloo ranks; "
+             "with accuracy +8 bytes):", "",
+             "| vocab | fusedce | gathering the logits |", "|---|---|---|"]
+    for vocab in sorted({r["vocab"] for r in comm}):
+        row = next(r for r in comm if r["vocab"] == vocab)
+        lines.append(f"| {vocab} | {row['fusedce_bytes_per_token']:.0f} B | "
+                     f"{row['gather_bytes_per_token']:.0f} B |")
+    return lines + [""]
+
+
+def _folder_lines(path: Path) -> list[str]:
+    """One result folder: where and how it was measured, its tables, its files."""
+    data = json.loads(path.read_text())
+    meta, results = data["meta"], data["results"]
+    folder = path.parent.relative_to(ROOT).as_posix()
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    lines = [
+        f"### {meta['device']} (`{path.parent.name}`)",
+        "",
+        f"Measured {meta['date']} with `{meta['command'].strip()}` ({versions}; "
+        f"{meta.get('threads', '?')} threads). Copy bandwidth measured in the same run: "
+        f"{meta['copy_bandwidth_gbps']} GB/s. Timing: {meta['timing']}. Memory: "
+        f"{meta['memory']}.",
+        "",
+    ]
+    lines += _ce_lines(results) + _linear_lines(results) + _comm_lines(data.get("comm", []))
+    if meta.get("skipped"):
+        lines += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())
+                  + ".", ""]
+    plots = sorted(path.parent.glob("*.png"))
+    lines.append(f"Full table: [{folder}/results.md]({folder}/results.md)"
+                 + ("; plots: " + ", ".join(f"[{p.name}]({folder}/{p.name})" for p in plots)
+                    if plots else "") + ".")
+    if plots:
+        lines += ["", f"![{plots[0].stem}]({folder}/{plots[0].name})"]
+    return lines + [""]
+
+
 def section() -> str:
     lines = [BEGIN, ""]
     folders = sorted(p for p in (ROOT / "bench" / "results").glob("*/results.json"))
     if not folders:
         lines += ["No results committed yet: run `bash scripts/bench.sh`.", ""]
     for path in folders:
-        data = json.loads(path.read_text())
-        meta, results = data["meta"], data["results"]
-        folder = path.parent.relative_to(ROOT).as_posix()
-        versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
-        dtype, tokens, rows = _headline(results)
-        lines += [
-            f"### {meta['device']} (`{path.parent.name}`)",
-            "",
-            f"Measured {meta['date']} with `{meta['command'].strip()}` ({versions}; "
-            f"{meta.get('threads', '?')} threads). Copy bandwidth measured in the same run: "
-            f"{meta['copy_bandwidth_gbps']} GB/s. Timing: {meta['timing']}. Memory: "
-            f"{meta['memory']}.",
-            "",
-        ]
-        if rows:
-            lines += [
-                f"{dtype}, {tokens} tokens. Each cell: median time, achieved bandwidth as % of "
-                "copy bandwidth (minimum bytes: logits read once, plus gradient written once "
-                "with a backward), peak memory above the inputs.",
-                "",
-            ]
-        vocabs = sorted({r["vocab"] for r in rows})
-        for mode in HEADLINE_MODES:
-            mode_rows = [r for r in rows if r["mode"] == mode]
-            if not mode_rows:
-                continue
-            names = list(dict.fromkeys(r["contender"] for r in mode_rows))
-            lines += [f"`{mode}`:", "", "| contender | " + " | ".join(
-                f"vocab {v}" for v in vocabs) + " |", "|---|" + "---|" * len(vocabs)]
-            for name in names:
-                by_vocab = {r["vocab"]: r for r in mode_rows if r["contender"] == name}
-                if all(r["status"].startswith("skipped") for r in by_vocab.values()):
-                    continue
-                lines.append(f"| {name} | " + " | ".join(
-                    _cell(by_vocab[v]) if v in by_vocab else "—" for v in vocabs) + " |")
-            lines.append("")
-        linear = [r for r in results if r.get("hidden") is not None]
-        if linear:
-            lines += ["Fused linear cross-entropy, forward + backward:", "",
-                      "| tokens × hidden × vocab | dtype | contender | time | peak extra memory |"
-                      " vs unfused |", "|---|---|---|---|---|---|"]
-            for r in linear:
-                shape = f"{r['tokens']} × {r['hidden']} × {r['vocab']}"
-                if r["status"] != "ok":
-                    lines.append(f"| {shape} | {r['dtype']} | {r['contender']} | "
-                                 f"{r['status'].split(':')[0]} | — | — |")
-                    continue
-                speed = (f"{r['speedup_vs_eager']:.2f}×" if r.get("speedup_vs_eager")
-                         else "—")
-                lines.append(f"| {shape} | {r['dtype']} | {r['contender']} | {r['ms']:.0f} ms | "
-                             f"{r['peak_extra_mib']:.0f} MiB | {speed} |")
-            lines.append("")
-        comm = [r for r in data.get("comm", []) if not r["accuracy"]]
-        if comm:
-            worlds = sorted({r["world"] for r in comm})
-            lines += ["Vocabulary-parallel communication, measured payload per token per rank "
-                      f"(bf16, forward + backward, {', '.join(map(str, worlds))} gloo ranks; "
-                      "with accuracy +8 bytes):", "",
-                      "| vocab | fusedce | gathering the logits |", "|---|---|---|"]
-            for vocab in sorted({r["vocab"] for r in comm}):
-                row = next(r for r in comm if r["vocab"] == vocab)
-                lines.append(f"| {vocab} | {row['fusedce_bytes_per_token']:.0f} B | "
-                             f"{row['gather_bytes_per_token']:.0f} B |")
-            lines.append("")
-        if meta.get("skipped"):
-            lines.append("Not run: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())
-                         + ".")
-            lines.append("")
-        plots = sorted(path.parent.glob("*.png"))
-        lines.append(f"Full table: [{folder}/results.md]({folder}/results.md)"
-                     + ("; plots: " + ", ".join(f"[{p.name}]({folder}/{p.name})" for p in plots)
-                        if plots else "") + ".")
-        if plots:
-            lines += ["", f"![{plots[0].stem}]({folder}/{plots[0].name})"]
-        lines.append("")
+        lines += _folder_lines(path)
     if not any(json.loads(p.read_text())["meta"].get("device_type") == "cuda" for p in folders):
         lines += ["No GPU results are committed yet: `bash scripts/gpu_validate.sh --full` on a "
                   "CUDA machine produces them.", ""]

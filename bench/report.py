@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .harness import MODES, Result
+from .cells import MODES, Result
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.cells import Cell
 from bench.contenders import CONTENDERS
-from bench.harness import Cell, synchronize
+from bench.timing import synchronize
 
 HEADLINE_CONTENDERS = ["fusedce", "fusedce-inplace", "torch-eager", "torch-compile", "hf-upcast",
                        "liger"]

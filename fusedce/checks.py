@@ -16,7 +16,7 @@ IMPLS = ("auto", "triton", "torch")
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -157,7 +157,7 @@ def check_options(
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not _is_int(ignore_index):
+    if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not _INT64[0] <= ignore_index <= _INT64[1]:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
@@ -176,20 +176,40 @@ def check_options(
         raise ValueError(f"lse_square_scale must be a finite number >= 0, got {lse_square_scale!r}")
 
 
-def make_spec(*, reduction, label_smoothing, ignore_index, logit_scale, softcap,
-              lse_square_scale, return_stats, impl: Impl, inplace_backward, out_dtype,
-              block_size=None, n_splits=None) -> LossSpec:
-    """Check the options and freeze them into a ``LossSpec``."""
-    check_options(reduction=reduction, label_smoothing=label_smoothing,
-                  ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-                  lse_square_scale=lse_square_scale, out_dtype=out_dtype)
+# Keywords of the public functions that only class-index targets support.
+_CLASS_ONLY = {"logit_scale": 1.0, "softcap": None, "lse_square_scale": 0.0,
+               "num_items_in_batch": None, "return_stats": False, "out_dtype": None,
+               "process_group": None, "inplace_backward": False}
+
+
+def check_keywords(options: dict) -> None:
+    """Check the option keywords of a public function (its ``locals()`` on entry)."""
+    check_options(**{k: options[k] for k in ("reduction", "label_smoothing", "ignore_index",
+                                             "logit_scale", "softcap", "lse_square_scale",
+                                             "out_dtype")})
+
+
+def class_only_keywords(options: dict) -> list[str]:
+    """The keywords given that need class-index targets."""
+    return [k for k, default in _CLASS_ONLY.items() if k in options and (
+        options[k] is not None if default is None else options[k] != default)]
+
+
+def make_spec(options: dict, impl: Impl) -> LossSpec:
+    """Check the option keywords of a public function (its ``locals()`` on entry) and freeze
+    them, with the resolved ``impl``, into a ``LossSpec``: the one place the flat public
+    keywords become the spec."""
+    check_keywords(options)
+    softcap = options["softcap"]
     return LossSpec(
-        ignore_index=int(ignore_index), reduction=reduction,
-        label_smoothing=float(label_smoothing), logit_scale=float(logit_scale),
+        ignore_index=int(options["ignore_index"]), reduction=options["reduction"],
+        label_smoothing=float(options["label_smoothing"]),
+        logit_scale=float(options["logit_scale"]),
         softcap=None if softcap is None else float(softcap),
-        lse_square_scale=float(lse_square_scale), return_stats=bool(return_stats), impl=impl,
-        inplace_backward=bool(inplace_backward), out_dtype=out_dtype, block_size=block_size,
-        n_splits=n_splits)
+        lse_square_scale=float(options["lse_square_scale"]),
+        return_stats=bool(options["return_stats"]), impl=impl,
+        inplace_backward=bool(options.get("inplace_backward", False)),
+        out_dtype=options["out_dtype"])
 
 
 def check_inplace_target(input: Tensor, logits: Tensor) -> None:

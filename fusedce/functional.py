@@ -37,19 +37,21 @@ class CrossEntropyStats(NamedTuple):
     accuracy: Tensor
 
 
-def _probability_loss(input, target, weight, ignore_index, reduction, label_smoothing,
-                      extras_used: bool) -> Tensor:
+def _probability_loss(logits: Tensor, target: Tensor, weight: Tensor | None,
+                      options: dict) -> Tensor:
     """Class probabilities: PyTorch's own implementation, with PyTorch's semantics."""
-    if extras_used:
-        raise ValueError(
-            "logit_scale, softcap, lse_square_scale, num_items_in_batch, return_stats, "
-            "out_dtype, inplace_backward and process_group need class-index targets; got "
-            "class probabilities"
-        )
+    checks.check_keywords(options)
+    checks.check_weight(weight, logits.shape[-1] if logits.dim() == 1 else logits.shape[1],
+                        logits.device)
+    extras = checks.class_only_keywords(options)
+    if extras:
+        raise ValueError(f"{', '.join(extras)} need class-index targets; got class "
+                         f"probabilities")
     if weight is not None:
-        weight = weight.to(input.dtype)
-    return F.cross_entropy(input, target, weight, ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=float(label_smoothing))
+        weight = weight.to(logits.dtype)
+    return F.cross_entropy(logits, target, weight, ignore_index=options["ignore_index"],
+                           reduction=options["reduction"],
+                           label_smoothing=float(options["label_smoothing"]))
 
 
 def _as_rows(input: Tensor, n_classes: int) -> Tensor:
@@ -96,6 +98,7 @@ def cross_entropy(
     process_group: object | None = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
+    (Long for its docstring, the public contract; the work is in ``_cross_entropy``.)
 
     The loss and the gradient of the logits are computed in one pass over the logits (float32
     arithmetic for 16- and 32-bit logits, float64 for float64); the backward only applies
@@ -152,25 +155,14 @@ def cross_entropy(
     gives loss 0 and a zero gradient instead of NaN or inf; rows whose target is ignored get an
     exactly zero gradient even when their logits are not finite; no double backward.
     """
+    options = dict(locals())  # the keywords, before any other name is bound
     n_classes = checks.check_logits(input, sliced=process_group is not None)
     checks.check_tensor("target", target)
-    extras_used = (logit_scale != 1.0 or softcap is not None or lse_square_scale != 0.0
-                   or num_items_in_batch is not None or return_stats or out_dtype is not None
-                   or process_group is not None or inplace_backward)
     if target.is_floating_point() and target.shape == input.shape:
-        checks.check_options(reduction=reduction, label_smoothing=label_smoothing,
-                             ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-                             lse_square_scale=lse_square_scale, out_dtype=out_dtype)
-        checks.check_weight(weight, n_classes, input.device)
-        return _probability_loss(input, target, weight, ignore_index, reduction,
-                                 label_smoothing, extras_used)
+        return _probability_loss(input, target, weight, options)
     checks.check_class_target(input, target)
     checks.check_weight(weight, None if process_group is not None else n_classes, input.device)
-    spec = checks.make_spec(
-        reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale,
-        return_stats=return_stats, impl=resolve_impl(impl, input.device, input.dtype),
-        inplace_backward=inplace_backward, out_dtype=out_dtype)
+    spec = checks.make_spec(options, resolve_impl(impl, input.device, input.dtype))
     num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
     return _cross_entropy(input, target, weight, num_items, spec, n_classes, process_group)
 
@@ -269,28 +261,19 @@ def linear_cross_entropy(
         The loss (the target's shape for ``none``); with ``return_stats``,
         ``(loss, CrossEntropyStats)``.
     """
+    options = dict(locals())  # the keywords, before any other name is bound
     n_classes = linear.check_linear_inputs(input, linear_weight, linear_bias)
     checks.check_tensor("target", target)
     if target.is_floating_point() and tuple(target.shape) == tuple(input.shape[:-1]) + (
             n_classes,):
-        checks.check_options(reduction=reduction, label_smoothing=label_smoothing,
-                             ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-                             lse_square_scale=lse_square_scale, out_dtype=out_dtype)
-        checks.check_weight(weight, n_classes, input.device)
-        extras_used = (logit_scale != 1.0 or softcap is not None or lse_square_scale != 0.0
-                       or num_items_in_batch is not None or return_stats)
         loss = _probability_loss(F.linear(input, linear_weight, linear_bias), target, weight,
-                                 ignore_index, reduction, label_smoothing, extras_used)
+                                 dict(options, out_dtype=None))
         return loss.to(out_dtype) if out_dtype is not None else loss
     checks.check_class_target(input, target, class_dim=None)
     checks.check_weight(weight, n_classes, input.device)
-    if chunk_size is not None and (not checks._is_int(chunk_size) or chunk_size < 1):
+    if chunk_size is not None and (not checks.is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    spec = checks.make_spec(
-        reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale,
-        return_stats=return_stats, impl=resolve_impl(impl, input.device, input.dtype),
-        inplace_backward=False, out_dtype=out_dtype)
+    spec = checks.make_spec(options, resolve_impl(impl, input.device, input.dtype))
     num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
     x = input.reshape(-1, input.shape[-1])
     if x.stride(-1) != 1:

@@ -124,54 +124,6 @@ class _Head:
         return out
 
 
-def chunked_pass(
-    x: Tensor,
-    w: Tensor,
-    b: Tensor | None,
-    target: Tensor,
-    weight: Tensor | None,
-    scale: Tensor,
-    spec: LossSpec,
-    chunk_size: int,
-    need: tuple[bool, bool, bool],
-) -> tuple[RowResults, Tensor | None, Tensor | None, Tensor | None]:
-    """One chunked pass: per-row results and, as ``need`` asks, the gradients of ``x``, ``w``
-    and ``b`` scaled by ``scale`` ((1,) or one factor per row)."""
-    n_rows, n_cols = x.shape[0], w.shape[0]
-    head = _Head(w, b)
-    acc = head.acc
-    if chunk_size <= 0:
-        chunk_size = default_chunk_size(n_rows, n_cols, x.shape[1], x.device)
-    any_grad = any(need)
-    grad_x = torch.empty_like(x) if need[0] else None
-    acc_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need[1] else None
-    acc_b = torch.zeros(n_cols, dtype=acc, device=w.device) if need[2] else None
-    buf = torch.empty(min(chunk_size, n_rows), n_cols, dtype=acc, device=x.device)
-    parts = []
-    for r0 in range(0, n_rows, chunk_size):
-        r1 = min(r0 + chunk_size, n_rows)
-        x_c = x[r0:r1]
-        logits = head.logits(x_c, buf[: r1 - r0])
-        rows = run_pass(logits, target[r0:r1], weight,
-                        scale if scale.numel() == 1 else scale[r0:r1], spec,
-                        logits if any_grad else None)
-        parts.append(rows)
-        if not any_grad:
-            continue
-        g = logits  # now the gradient of the chunk's logits, in the accumulation dtype
-        if grad_x is not None:
-            torch.mm(g.to(w.dtype), w, out=grad_x[r0:r1])
-        if acc_w is not None:
-            acc_w.addmm_(g.t(), x_c.to(acc))
-        if acc_b is not None:
-            acc_b += g.sum(dim=0)
-    rows = RowResults(*(torch.cat([getattr(p, f) for p in parts]) if parts
-                        else x.new_empty(0, dtype=acc) for f in RowResults._fields))
-    grad_w = acc_w.to(w.dtype) if acc_w is not None else None
-    grad_b = acc_b.to(b.dtype) if acc_b is not None else None
-    return rows, grad_x, grad_w, grad_b
-
-
 @torch.library.custom_op("fusedce::linear_ce_pass", mutates_args=())
 def _linear_ce_pass_op(
     x: Tensor,
@@ -186,13 +138,37 @@ def _linear_ce_pass_op(
     need_w: bool,
     need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``chunked_pass`` as one op: per-row (loss, lse, z_loss, correct) and the gradients of
-    x, w and b (empty when not needed); ``chunk_size`` 0 picks the default."""
-    rows, gx, gw, gb = chunked_pass(x, w, b, target, weight, scale, LossSpec.decode(spec),
-                                    chunk_size, (need_x, need_w, need_b))
-    empty = x.new_empty(0)
-    return (*rows, gx if gx is not None else empty, gw if gw is not None else empty.clone(),
-            gb if gb is not None else empty.clone())
+    """One chunked pass: per-row (loss, lse, z_loss, correct) and, as ``need_*`` ask, the
+    gradients of x, w and b scaled by ``scale`` ((1,) or one factor per row); empty tensors for
+    what is not needed.  ``chunk_size`` 0 picks the default."""
+    options = LossSpec.decode(spec)
+    n_rows, n_cols = x.shape[0], w.shape[0]
+    head = _Head(w, b)
+    if chunk_size <= 0:
+        chunk_size = default_chunk_size(n_rows, n_cols, x.shape[1], x.device)
+    any_grad = need_x or need_w or need_b
+    grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
+    acc_w = torch.zeros(w.shape if need_w else (0,), dtype=head.acc, device=w.device)
+    acc_b = torch.zeros(n_cols if need_b else 0, dtype=head.acc, device=w.device)
+    buf = torch.empty(min(chunk_size, n_rows), n_cols, dtype=head.acc, device=x.device)
+    parts = []
+    for r0 in range(0, n_rows, chunk_size):
+        r1 = min(r0 + chunk_size, n_rows)
+        x_c = x[r0:r1]
+        logits = head.logits(x_c, buf[: r1 - r0])
+        parts.append(run_pass(logits, target[r0:r1], weight,
+                              scale if scale.numel() == 1 else scale[r0:r1], options,
+                              logits if any_grad else None))
+        # Now ``logits`` holds the gradient of the chunk's logits, in the accumulation dtype.
+        if need_x:
+            torch.mm(logits.to(w.dtype), w, out=grad_x[r0:r1])
+        if need_w:
+            acc_w.addmm_(logits.t(), x_c.to(head.acc))
+        if need_b:
+            acc_b += logits.sum(dim=0)
+    rows = RowResults(*(torch.cat([getattr(p, f) for p in parts]) if parts
+                        else x.new_empty(0, dtype=head.acc) for f in RowResults._fields))
+    return (*rows, grad_x, acc_w.to(w.dtype), acc_b.to(b.dtype if b is not None else w.dtype))
 
 
 @_linear_ce_pass_op.register_fake
@@ -302,5 +278,5 @@ def linear_cross_entropy_outputs(
     return reduce_rows(RowResults(*rows), target, spec, scale, spec.out_dtype or input.dtype)
 
 
-__all__ = ["LinearCrossEntropyFunction", "chunked_pass", "check_linear_inputs",
+__all__ = ["LinearCrossEntropyFunction", "check_linear_inputs",
            "default_chunk_size", "linear_cross_entropy_outputs"]

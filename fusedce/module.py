@@ -1,7 +1,9 @@
-"""``fusedce.CrossEntropyLoss``: the module form of ``fusedce.cross_entropy``."""
+"""``fusedce.CrossEntropyLoss`` and ``fusedce.LinearCrossEntropyLoss``: the module forms of
+``fusedce.cross_entropy`` and ``fusedce.linear_cross_entropy``."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -10,7 +12,30 @@ from torch import Tensor, nn
 from .functional import CrossEntropyStats, ImplChoice, cross_entropy, linear_cross_entropy
 
 
-class CrossEntropyLoss(nn.Module):
+class _KeepsOptions(nn.Module):
+    """A loss module that keeps its constructor's keywords as attributes (the class weights as
+    a buffer, so ``.to()`` and ``state_dict`` carry them) and hands them to its function."""
+
+    _NOT_OPTIONS = ("self", "__class__", "weight")
+
+    def _keep(self, options: dict, *not_options: str) -> None:
+        self.register_buffer("weight", options["weight"])
+        self.weight: Tensor | None
+        self._option_names = [k for k in options if k not in self._NOT_OPTIONS + not_options]
+        for name in self._option_names:
+            setattr(self, name, options[name])
+
+    def _options(self) -> dict:
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def extra_repr(self) -> str:
+        defaults = inspect.signature(type(self).__init__).parameters
+        always = ("ignore_index", "reduction", "label_smoothing", "impl")
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items()
+                         if k in always or v != defaults[k].default)
+
+
+class CrossEntropyLoss(_KeepsOptions):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` backed by ``fusedce.cross_entropy``.
 
     Args:
@@ -41,54 +66,16 @@ class CrossEntropyLoss(nn.Module):
         process_group: object | None = None,
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", weight)
-        self.weight: Tensor | None
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.impl = impl
-        self.inplace_backward = inplace_backward
-        self.logit_scale = logit_scale
-        self.softcap = softcap
-        self.lse_square_scale = lse_square_scale
-        self.return_stats = return_stats
-        self.out_dtype = out_dtype
-        self.process_group = process_group
+        self._keep(dict(locals()))
 
     def forward(
         self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-        return cross_entropy(
-            input,
-            target,
-            self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            impl=self.impl,
-            inplace_backward=self.inplace_backward,
-            logit_scale=self.logit_scale,
-            softcap=self.softcap,
-            lse_square_scale=self.lse_square_scale,
-            num_items_in_batch=num_items_in_batch,
-            return_stats=self.return_stats,
-            out_dtype=self.out_dtype,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, impl={self.impl!r}, "
-            f"inplace_backward={self.inplace_backward}"
-            + "".join(f", {k}={getattr(self, k)!r}" for k, default in
-                      (("logit_scale", 1.0), ("softcap", None), ("lse_square_scale", 0.0),
-                       ("return_stats", False), ("out_dtype", None))
-                      if getattr(self, k) != default)
-        )
+        return cross_entropy(input, target, self.weight, num_items_in_batch=num_items_in_batch,
+                             **self._options())
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(_KeepsOptions):
     """An LM head and its cross-entropy in one: ``fusedce.linear_cross_entropy`` as a module.
 
     Holds the projection (``linear_weight`` of shape (C, H), optional ``linear_bias``) as
@@ -129,40 +116,15 @@ class LinearCrossEntropyLoss(nn.Module):
         proj = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.linear_weight = proj.weight
         self.linear_bias = proj.bias
-        self.register_buffer("weight", weight)
-        self.weight: Tensor | None
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.logit_scale = logit_scale
-        self.softcap = softcap
-        self.lse_square_scale = lse_square_scale
-        self.return_stats = return_stats
-        self.out_dtype = out_dtype
-        self.chunk_size = chunk_size
-        self.impl = impl
+        self._keep(dict(locals()), "in_features", "num_classes", "bias", "device", "dtype",
+                   "proj")
 
     def forward(
         self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-        return linear_cross_entropy(
-            input,
-            self.linear_weight,
-            target,
-            linear_bias=self.linear_bias,
-            weight=self.weight,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            logit_scale=self.logit_scale,
-            softcap=self.softcap,
-            lse_square_scale=self.lse_square_scale,
-            num_items_in_batch=num_items_in_batch,
-            return_stats=self.return_stats,
-            out_dtype=self.out_dtype,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
-        )
+        return linear_cross_entropy(input, self.linear_weight, target,
+                                    linear_bias=self.linear_bias, weight=self.weight,
+                                    num_items_in_batch=num_items_in_batch, **self._options())
 
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]

@@ -13,33 +13,22 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
-from .spec import LossSpec, RowResults, RowStats, VocabSlice, accumulation_dtype
+from .spec import LossSpec, RowResults, RowStats, accumulation_dtype
 
 
-def run_pass(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    scale: Tensor | None,
-    spec: LossSpec,
-    grad: Tensor | None,
-    *,
-    row_stats: RowStats | None = None,
-    vocab: VocabSlice | None = None,
-    stats_out: Tensor | None = None,
-    weight_sum: Tensor | None = None,
-) -> RowResults:
-    """``ce_fwd`` of the implementation ``spec.impl`` (see ``fusedce.kernels.ce_fwd``);
-    ``weight_sum`` defaults to the sum of ``weight`` (a vocabulary slice passes the whole
-    vocabulary's)."""
+def run_pass(logits: Tensor, target: Tensor, weight: Tensor | None, scale: Tensor | None,
+             spec: LossSpec, grad: Tensor | None, *, weight_sum: Tensor | None = None,
+             **placement) -> RowResults:
+    """``ce_fwd`` of the implementation ``spec.impl``: ``placement`` is its ``row_stats``,
+    ``vocab`` and ``stats_out`` (see ``fusedce.kernels.ce_fwd``); ``weight_sum`` defaults to
+    the sum of ``weight`` (a vocabulary slice passes the whole vocabulary's)."""
     if weight is not None and weight_sum is None:
         weight_sum = weight.sum().reshape(1)
     if spec.impl == "triton":
         from .kernels import ce_fwd
     else:
         ce_fwd = torch_impl.ce_fwd
-    return ce_fwd(logits, target, weight, weight_sum, scale, spec, grad, row_stats=row_stats,
-                  vocab=vocab, stats_out=stats_out)
+    return ce_fwd(logits, target, weight, weight_sum, scale, spec, grad, **placement)
 
 
 def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec) -> RowStats:

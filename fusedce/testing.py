@@ -1,6 +1,8 @@
-"""Input factories, the float64 reference and tolerances shared by the tests and the benchmarks."""
+"""The float64 oracle, input factories and tolerances shared by the tests and the benchmarks."""
 
 from __future__ import annotations
+
+import socket
 
 import torch
 import torch.nn.functional as F
@@ -98,12 +100,13 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def _extras_core(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                 reduction: str, label_smoothing: float, logit_scale: float,
-                 softcap: float | None, lse_square_scale: float,
-                 num_items_in_batch: float | None) -> dict[str, Tensor]:
+def _extras_core(x: Tensor, target: Tensor, weight: Tensor | None = None,
+                 ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, logit_scale: float = 1.0,
+                 softcap: float | None = None, lse_square_scale: float = 0.0,
+                 num_items_in_batch: float | None = None) -> dict[str, Tensor]:
     """fusedce's loss in float64 from the formulas, on a float64 CPU tensor ``x`` of logits
-    (still attached to its graph)."""
+    (still attached to its graph), with fusedce's options and defaults."""
     t = target.detach().to("cpu").long()
     n_cols = x.shape[-1]
     w = (weight.detach().to("cpu", torch.float64) if weight is not None
@@ -149,25 +152,22 @@ def reference_extras(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    lse_square_scale: float = 0.0,
-    num_items_in_batch: float | None = None,
     grad_output: Tensor | float | None = None,
+    **extras,
 ) -> dict[str, Tensor | None]:
     """The loss with fusedce's extras in float64 on the CPU, written from the formulas.
 
     ``z = softcap * tanh(logit_scale * x / softcap)``, ``lse = logsumexp(z)``, per counted row
     ``w_t * (1 - eps) * (lse - z_t) + eps / C * sum_c w_c * (lse - z_c) + lam * w_t * lse**2``,
     reduced by the sum of counted ``w_t`` (or ``num_items_in_batch``) for ``mean``.
+    ``extras``: ``logit_scale``, ``softcap``, ``lse_square_scale``, ``num_items_in_batch``.
 
     Returns:
         A dict with ``loss``, ``lse`` (per row, 0 where ignored), ``z_loss`` (reduced like the
         loss), ``accuracy`` and ``grad`` (when ``grad_output`` is given).
     """
     x = logits.detach().to("cpu", torch.float64).requires_grad_(grad_output is not None)
-    out = _extras_core(x, target, weight, ignore_index, reduction, label_smoothing, logit_scale,
-                       softcap, lse_square_scale, num_items_in_batch)
+    out = _extras_core(x, target, weight, ignore_index, reduction, label_smoothing, **extras)
     out["grad"] = _backward(out["loss"], [x], grad_output)[0] if grad_output is not None else None
     out["loss"] = out["loss"].detach()
     return out
@@ -179,24 +179,24 @@ def reference_linear(
     target: Tensor,
     linear_bias: Tensor | None = None,
     grad_output: Tensor | float = 1.0,
-    *,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    lse_square_scale: float = 0.0,
-    num_items_in_batch: float | None = None,
+    **options,
 ) -> dict[str, Tensor | None]:
     """The unfused loss of ``input @ linear_weight.T + linear_bias`` in float64 (as
-    ``reference_extras``), with the gradients of the input, the weight and the bias."""
+    ``reference_extras``; ``options``: weight, ignore_index, reduction, label_smoothing and the
+    extras), with the gradients of the
+    input, the weight and the bias."""
     params = [t.detach().to("cpu", torch.float64).requires_grad_() if t is not None else None
               for t in (input, linear_weight, linear_bias)]
     logits = F.linear(*params)
-    out = _extras_core(logits, target, weight, ignore_index, reduction, label_smoothing,
-                       logit_scale, softcap, lse_square_scale, num_items_in_batch)
+    out = _extras_core(logits, target, **options)
     grads = _backward(out["loss"], [p for p in params if p is not None], grad_output)
     out.update(loss=out["loss"].detach(), grad_input=grads[0], grad_weight=grads[1],
                grad_bias=grads[2] if linear_bias is not None else None)
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for process groups of tests and benchmarks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,4 +1,4 @@
-"""The PyTorch implementation (``impl="torch"``): fusedce's CPU fallback, with the kernels' contract.
+"""The PyTorch implementation (``impl="torch"``): the CPU fallback, with the kernels' contract.
 
 ``row_stats``, ``ce_fwd`` and ``ce_bwd`` take and return what ``fusedce.kernels``' wrappers of
 the same names do, so the layers above can use either.  They walk the rows in chunks small enough
@@ -129,6 +129,7 @@ def ce_fwd(
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> RowResults:
     """Per-row cross-entropy, its extras, and the scaled gradient of the logits, with PyTorch.
+    (Longer than most functions here: one loop over row chunks in four commented phases.)
 
     Arguments and results are those of ``fusedce.kernels.ce_fwd`` (``weight``, ``weight_sum``
     and ``scale`` in the accumulation dtype), except that a target outside ``[0, n_classes)``
@@ -140,29 +141,21 @@ def ce_fwd(
     check_targets(target, n_classes, spec.ignore_index)
     device = logits.device
     acc = accumulation_dtype(logits.dtype)
-
-    def rows_of(n: int) -> Tensor:
-        return torch.empty(n, dtype=acc, device=device)
-
-    out = RowResults(rows_of(n_rows), rows_of(n_rows), rows_of(n_rows if spec.has_z_loss else 0),
-                     rows_of(n_rows if spec.return_stats else 0))
+    out = RowResults(*(torch.empty(n, dtype=acc, device=device) for n in (
+        n_rows, n_rows, n_rows if spec.has_z_loss else 0, n_rows if spec.return_stats else 0)))
     if n_rows == 0:
         return out
     merged = _merge(row_stats) if row_stats is not None else None
     eps = float(spec.label_smoothing)
-    transformed = spec.has_scale or spec.has_softcap
-    rows = min(max(1, chunk_elements // max(n_cols, 1)), n_rows)
-    # A gradient in the accumulation dtype with packed rows is built in its destination; any
-    # other in a scratch chunk, then copied (only into the destination's own elements).
-    in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
-    scratch = None if in_place else torch.empty(rows, n_cols, dtype=acc, device=device)
-    z_scratch = torch.empty(rows, n_cols, dtype=acc, device=device) if transformed else None
+    in_place, scratch, z_scratch = _buffers(grad, spec, acc, n_rows, n_cols, chunk_elements,
+                                           device)
     w_sum = weight_sum if weight is not None else float(n_classes)
     start = vocab.start if vocab is not None else 0
     for r0, r1 in _chunks(n_rows, n_cols, chunk_elements):
         x = logits[r0:r1].to(acc)  # a view in the accumulation dtype, a cache-sized copy else
         t = target[r0:r1]
         ignored = t == spec.ignore_index
+        # The target's column here (0 where this slice does not hold it), as a (rows, 1) index.
         local = torch.where(ignored, 0, t - start)
         owned = (local >= 0) & (local < n_cols) & ~ignored
         local = torch.where(owned, local, 0).unsqueeze(1)
@@ -173,35 +166,13 @@ def ce_fwd(
         #    its max m, first argmax.
         z_t = (vocab.target_logit[r0:r1].to(acc) if vocab is not None
                else _transformed(x.gather(1, local).squeeze(1), spec, None))
-        ref = None
-        if spec.has_smoothing and vocab is None:
-            ref = _row_anchor(x[:, 0], spec)
-        z = _transformed(x, spec, z_scratch[: r1 - r0] if transformed else None)
+        ref = _row_anchor(x[:, 0], spec) if spec.has_smoothing and vocab is None else None
+        z = _transformed(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
 
         # 2. log d (d = sum exp(z - m)), the smoothing sum, and the probabilities into buf.
         if merged is None:
-            m = z.amax(dim=1)
-            first = z.argmax(dim=1) if spec.return_stats else None
-            if grad is None:
-                # The loss alone: one fused log-softmax pass, whose max is -log d and whose
-                # entries are exact to rounding (computed relative to the max by PyTorch).
-                torch._log_softmax(z, 1, False, out=buf)
-                log_d = -buf.amax(dim=1)
-                smooth = sz = None
-                if eps > 0.0:
-                    smooth = -_weighted_row_sum(buf, weight)
-                    sz = w_sum * (log_d + (m - ref)) - smooth
-            else:
-                sz = None
-                if eps > 0.0:
-                    sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
-                    z_soft = buf  # softmax is shift-invariant: softmax(z - ref) = softmax(z)
-                else:
-                    z_soft = z
-                # Softmax in one fused pass; its largest entry 1/d gives log d exactly.
-                torch._softmax(z_soft, 1, False, out=buf)
-                log_d = -buf.amax(dim=1).log()
-                smooth = w_sum * (log_d + (m - ref)) - sz if eps > 0.0 else None
+            m, log_d, sz, smooth, first = _statistics(z, ref, buf, spec, weight, w_sum,
+                                                      grad is not None)
         else:
             # Row statistics merged elsewhere (vocabulary parallelism, recomputing backward).
             m, d, sz, first = (v[r0:r1] if v is not None else None for v in merged)
@@ -213,28 +184,14 @@ def ce_fwd(
                 torch.sub(z, m.unsqueeze(1), out=buf).sub_(log_d.unsqueeze(1)).exp_()  # p
         lse = m + log_d
         if stats_out is not None:
-            stats_out[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
-            stats_out[1, r0:r1, 0] = torch.where(ignored, 0.0, log_d.exp())
-            stats_out[2, r0:r1, 0] = torch.where(ignored, 0.0, sz) if eps > 0.0 else 0.0
+            _store_stats(stats_out, r0, r1, ignored, m, log_d, sz)
         if spec.return_stats:
             out.correct[r0:r1] = ((first == t) & ~ignored).to(acc)
 
         # 3. The loss, relative to the row max.
-        if weight is None:
-            w_t = 1.0
-        elif vocab is not None:
-            w_t = vocab.target_weight[r0:r1].to(acc)
-        else:
-            w_t = weight[local.squeeze(1)]
-        row_loss = (1.0 - eps) * w_t * ((m - z_t) + log_d)
-        if smooth is not None:
-            row_loss = row_loss + eps / n_classes * smooth
-        if spec.has_z_loss:
-            row_z = torch.where(ignored, 0.0, spec.lse_square_scale * w_t * lse * lse)
-            out.z_loss[r0:r1] = row_z
-            row_loss = row_loss + row_z
-        out.loss[r0:r1] = torch.where(ignored, 0.0, row_loss)
-        out.lse[r0:r1] = torch.where(ignored, 0.0, lse)
+        w_t = 1.0 if weight is None else (vocab.target_weight[r0:r1].to(acc) if vocab is not None
+                                          else weight[local.squeeze(1)])
+        _store_loss(out, r0, r1, spec, ignored, w_t, m, z_t, log_d, lse, smooth, n_classes)
 
         # 4. The gradient: scale * (a * p - b * onehot(t) - s * w) * dz/dx, zero when ignored.
         if grad is None:
@@ -244,6 +201,73 @@ def ce_fwd(
         if not in_place:
             grad[r0:r1].copy_(buf)
     return out
+
+
+def _buffers(grad: Tensor | None, spec: LossSpec, acc: torch.dtype, n_rows: int, n_cols: int,
+             chunk_elements: int, device: torch.device
+             ) -> tuple[bool, Tensor | None, Tensor | None]:
+    """(in_place, scratch, z_scratch): a gradient in the accumulation dtype with packed rows is
+    built in its destination; any other in a scratch chunk, then copied (only into the
+    destination's own elements).  Transformed logits get a chunk of their own."""
+    rows = min(max(1, chunk_elements // max(n_cols, 1)), n_rows)
+    in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
+
+    def chunk() -> Tensor:
+        return torch.empty(rows, n_cols, dtype=acc, device=device)
+
+    return (in_place, None if in_place else chunk(),
+            chunk() if spec.has_scale or spec.has_softcap else None)
+
+
+def _statistics(z: Tensor, ref: Tensor | None, buf: Tensor, spec: LossSpec,
+                weight: Tensor | None, w_sum, compute_grad: bool):
+    """(m, log d, smoothing sum relative to ``ref``, smoothing term, first argmax) of a chunk of
+    transformed logits ``z``; with ``compute_grad`` the probabilities are left in ``buf``."""
+    m = z.amax(dim=1)
+    first = z.argmax(dim=1) if spec.return_stats else None
+    sz = smooth = None
+    if not compute_grad:
+        # The loss alone: one fused log-softmax pass, whose max is -log d and whose entries are
+        # exact to rounding (computed relative to the max by PyTorch).
+        torch._log_softmax(z, 1, False, out=buf)
+        log_d = -buf.amax(dim=1)
+        if spec.has_smoothing:
+            smooth = -_weighted_row_sum(buf, weight)  # sum_c w_c * (lse - z_c)
+            sz = w_sum * (log_d + (m - ref)) - smooth
+        return m, log_d, sz, smooth, first
+    z_soft = z
+    if spec.has_smoothing:
+        sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
+        z_soft = buf  # softmax is shift-invariant: softmax(z - ref) = softmax(z)
+    # Softmax in one fused pass; its largest entry 1/d gives log d exactly.
+    torch._softmax(z_soft, 1, False, out=buf)
+    log_d = -buf.amax(dim=1).log()
+    if spec.has_smoothing:
+        smooth = w_sum * (log_d + (m - ref)) - sz
+    return m, log_d, sz, smooth, first
+
+
+def _store_stats(stats_out: Tensor, r0: int, r1: int, ignored: Tensor, m, log_d,
+                 sz: Tensor | None) -> None:
+    """Rows r0:r1 of the per-row statistics a recomputing pass takes back (``RowStats``)."""
+    stats_out[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
+    stats_out[1, r0:r1, 0] = torch.where(ignored, 0.0, log_d.exp())
+    stats_out[2, r0:r1, 0] = torch.where(ignored, 0.0, sz) if sz is not None else 0.0
+
+
+def _store_loss(out: RowResults, r0: int, r1: int, spec: LossSpec, ignored: Tensor, w_t, m,
+                z_t, log_d, lse, smooth, n_classes: int) -> None:
+    """Rows r0:r1 of the loss (relative to the row max), z-loss and lse."""
+    eps = float(spec.label_smoothing)
+    row_loss = (1.0 - eps) * w_t * ((m - z_t) + log_d)
+    if smooth is not None:
+        row_loss = row_loss + eps / n_classes * smooth
+    if spec.has_z_loss:
+        row_z = torch.where(ignored, 0.0, spec.lse_square_scale * w_t * lse * lse)
+        out.z_loss[r0:r1] = row_z
+        row_loss = row_loss + row_z
+    out.loss[r0:r1] = torch.where(ignored, 0.0, row_loss)
+    out.lse[r0:r1] = torch.where(ignored, 0.0, lse)
 
 
 def _gradient_chunk(buf: Tensor, z: Tensor, spec: LossSpec, ignored: Tensor, owned: Tensor,

@@ -5,7 +5,7 @@ They take and return tensors, know nothing of autograd, and read their options f
 already multiplied by a scale read from device memory (no host synchronisation); ``ce_bwd`` only
 applies ``grad_output``, and skips rows whose factor is exactly 1.  When there are few rows, each
 row's vocabulary is split into contiguous chunks handled by separate programs:
-``_ce_stats_kernel`` writes each chunk's partial statistics and ``_ce_fwd_kernel`` merges a row's
+``ce_stats_kernel`` writes each chunk's partial statistics and ``ce_fwd_kernel`` merges a row's
 partials before computing the loss and its chunk of gradient.
 """
 
@@ -18,7 +18,7 @@ import torch
 import triton
 
 from ..spec import LossSpec, RowResults, RowStats, VocabSlice
-from .cross_entropy_kernels import _ce_bwd_kernel, _ce_fwd_kernel, _ce_stats_kernel
+from .cross_entropy_kernels import ce_bwd_kernel, ce_fwd_kernel, ce_stats_kernel
 
 # The interpreter (TRITON_INTERPRET=1) is chosen by Triton when a kernel is decorated, that is
 # when this module is imported; record it so the dispatcher can tell whether CPU tensors can be
@@ -116,7 +116,7 @@ def ce_row_stats(
     argmax = torch.empty((n_rows, cfg.n_splits) if spec.return_stats else (0,),
                          dtype=torch.int32, device=device)
     if n_rows:
-        _ce_stats_kernel[(n_rows, cfg.n_splits)](
+        ce_stats_kernel[(n_rows, cfg.n_splits)](
             logits_ptr=logits,
             target_ptr=target,
             weight_ptr=weight if weight is not None else partials,
@@ -158,6 +158,7 @@ def ce_fwd(
     stats_out: torch.Tensor | None = None,
 ) -> RowResults:
     """Per-row cross-entropy, its extras, and the gradient of the logits in the same launch.
+    (Long because the launch names every kernel argument, one per line.)
 
     Args:
         logits: (N, C) float32/bfloat16/float16, unit column stride (any row stride).
@@ -195,7 +196,7 @@ def ce_fwd(
     n_partials = row_stats.partials.shape[2] if merge else 1
     dummy = out.loss  # every pointer argument gets a real address
     compute_grad = grad is not None
-    _ce_fwd_kernel[(n_rows, cfg.n_splits)](
+    ce_fwd_kernel[(n_rows, cfg.n_splits)](
         logits_ptr=logits,
         target_ptr=target,
         weight_ptr=weight if weight is not None else dummy,
@@ -255,7 +256,7 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
     factor = grad_output.reshape(-1)
     stride = 0 if factor.numel() == 1 else factor.stride(0)
     grid = (n_rows, triton.cdiv(n_cols, block_size))
-    _ce_bwd_kernel[grid](
+    ce_bwd_kernel[grid](
         grad_ptr=grad,
         grad_output_ptr=factor,
         stride_grad_row=grad.stride(0),

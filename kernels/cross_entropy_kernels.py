@@ -142,7 +142,63 @@ def _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
 
 
 @triton.jit
-def _ce_stats_kernel(
+def _target_terms(row_ptr, weight_ptr, weight_sum_ptr, target_logit_ptr, target_weight_ptr,
+                  row, target, valid, read_t, n_classes, logit_scale, softcap,
+                  VOCAB_PARALLEL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(z_t, w_t, W): the transformed target logit (NaN for a target outside the classes), its
+    class weight and the sum of all class weights.  The target logit is one scalar load, masked
+    unless the target is in range, or comes from outside under vocabulary parallelism."""
+    if VOCAB_PARALLEL:
+        z_t = tl.load(target_logit_ptr + row)
+        if HAS_WEIGHT:
+            w_t = tl.load(target_weight_ptr + row)
+    else:
+        safe_target = tl.where(valid, target, 0)
+        x_t = tl.load(row_ptr + safe_target, mask=read_t, other=0.0).to(tl.float32)
+        z_t = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + safe_target, mask=read_t, other=0.0)
+    z_t = tl.where(valid, z_t, float("nan"))
+    if HAS_WEIGHT:
+        w_sum = tl.load(weight_sum_ptr)
+    else:
+        w_t = 1.0
+        w_sum = n_classes * 1.0
+    return z_t, w_t, w_sum
+
+
+@triton.jit
+def _write_grad_chunk(row_ptr, grad_row_ptr, weight_ptr, col_start, col_end, read_end,
+                      local_target, m, log_d, a, b, s, logit_scale, softcap,
+                      BLOCK_SIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr):
+    """Write g_c = (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c over [col_start, col_end),
+    with p_c = exp((z_c - m) - log d); columns at or past ``read_end`` are not read (p = 0)."""
+    cols = tl.arange(0, BLOCK_SIZE)
+    for start in range(col_start, col_end, BLOCK_SIZE):
+        offs = start + cols
+        mask = offs < col_end
+        x = tl.load(row_ptr + offs, mask=offs < read_end, other=0.0).to(tl.float32)
+        z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        p = tl.where(offs < read_end, tl.exp((z - m) - log_d), 0.0)
+        g = a * p - tl.where(offs == local_target, b, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                g -= s * tl.load(weight_ptr + offs, mask=mask, other=0.0)
+            else:
+                g -= s
+        if HAS_SOFTCAP:
+            th = z / softcap  # tanh(logit_scale * x / softcap)
+            g = g * (1.0 - th * th)
+        if HAS_SCALE:
+            g = g * logit_scale
+        tl.store(grad_row_ptr + offs, g.to(grad_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_stats_kernel(
     logits_ptr,
     target_ptr,
     weight_ptr,
@@ -193,7 +249,7 @@ def _ce_stats_kernel(
     ref = 0.0
     if HAS_SMOOTHING:
         ref = _row_anchor(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
-                             HAS_SCALE, HAS_SOFTCAP)
+                          HAS_SCALE, HAS_SOFTCAP)
     # 2. One pass over the chunk.
     m, d, sz, idx = _row_chunk_stats(
         row_ptr, weight_ptr, col_start, col_end, ref, logit_scale, softcap,
@@ -211,7 +267,7 @@ def _ce_stats_kernel(
 
 
 @triton.jit
-def _ce_fwd_kernel(
+def ce_fwd_kernel(
     logits_ptr,
     target_ptr,
     weight_ptr,
@@ -255,7 +311,8 @@ def _ce_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
 ):
     """Loss, log-sum-exp, extras and the gradient of the logits in one launch: one program per
-    (row, vocabulary chunk).
+    (row, vocabulary chunk).  (Long for its argument list, one per line, and this Args block;
+    the body is three phases of about 20 lines each.)
 
     Args:
         logits_ptr: (n_rows, n_cols) fp32/bf16/fp16 logits, unit column stride.
@@ -265,7 +322,7 @@ def _ce_fwd_kernel(
         scale_ptr: (1,) or (n_rows,) fp32 factor of the gradient (the reduction's 1/denominator,
             times a per-row grad_output for a recomputing backward), read when COMPUTE_GRAD.
         partial_ptr, partial_idx_ptr: (3, n_rows, n_partials) fp32 and (n_rows, n_partials)
-            int32 row statistics (``_ce_stats_kernel``'s layout) read instead of a pass over the
+            int32 row statistics (``ce_stats_kernel``'s layout) read instead of a pass over the
             row when MERGE.  Under VOCAB_PARALLEL their weighted sums are relative to the merged
             max instead of the row's anchor.
         target_logit_ptr: (n_rows,) fp32 transformed target logit, read when VOCAB_PARALLEL.
@@ -274,7 +331,7 @@ def _ce_fwd_kernel(
         z_loss_ptr: (n_rows,) fp32 out lam * w_t * lse^2, written when HAS_ZLOSS.
         correct_ptr: (n_rows,) fp32 out, 1.0 where the first argmax is the target, RETURN_STATS.
         stats_ptr: (3, n_rows, 1) fp32 out, each row's merged (m, d, weighted sum) in
-            ``_ce_stats_kernel``'s layout, written when STORE_STATS (for a recomputing
+            ``ce_stats_kernel``'s layout, written when STORE_STATS (for a recomputing
             backward, which passes them back with MERGE).
         grad_ptr: (n_rows, n_cols) out, the logits' dtype, unit column stride, may alias
             logits_ptr (each element is read before the same program writes it); COMPUTE_GRAD.
@@ -302,7 +359,7 @@ def _ce_fwd_kernel(
     ref = 0.0
     if HAS_SMOOTHING and not VOCAB_PARALLEL:
         ref = _row_anchor(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
-                             HAS_SCALE, HAS_SOFTCAP)
+                          HAS_SCALE, HAS_SOFTCAP)
     if MERGE:
         m, d, sz, idx = _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
                                         PARTIAL_BLOCK=PARTIAL_BLOCK, RETURN_STATS=RETURN_STATS)
@@ -319,22 +376,11 @@ def _ce_fwd_kernel(
 
     # 2. The loss, relative to the row max.  The target logit is one scalar load, masked unless
     #    the target is in range.
-    if VOCAB_PARALLEL:
-        z_t = tl.load(target_logit_ptr + row)
-        if HAS_WEIGHT:
-            w_t = tl.load(target_weight_ptr + row)
-    else:
-        safe_target = tl.where(valid, target, 0)
-        x_t = tl.load(row_ptr + safe_target, mask=read_t, other=0.0).to(tl.float32)
-        z_t = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + safe_target, mask=read_t, other=0.0)
-    z_t = tl.where(valid, z_t, float("nan"))
-    if HAS_WEIGHT:
-        w_sum = tl.load(weight_sum_ptr)
-    else:
-        w_t = 1.0
-        w_sum = n_classes * 1.0
+    z_t, w_t, w_sum = _target_terms(
+        row_ptr, weight_ptr, weight_sum_ptr, target_logit_ptr, target_weight_ptr, row, target,
+        valid, read_t, n_classes, logit_scale, softcap, VOCAB_PARALLEL=VOCAB_PARALLEL,
+        HAS_WEIGHT=HAS_WEIGHT, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
+    )
     loss = (1.0 - label_smoothing) * w_t * ((m - z_t) + log_d)
     if HAS_SMOOTHING:
         loss += label_smoothing / n_classes * (w_sum * (log_d + (m - ref)) - sz)
@@ -369,31 +415,16 @@ def _ce_fwd_kernel(
         a = b + s * w_sum
         if HAS_ZLOSS:
             a += scale * 2.0 * lse_square_scale * w_t * tl.where(ignored, 0.0, lse)
-        read_end = tl.where(ignored, col_start, col_end)
-        cols = tl.arange(0, BLOCK_SIZE)
-        grad_row_ptr = grad_ptr + row * stride_grad_row
-        for start in range(col_start, col_end, BLOCK_SIZE):
-            offs = start + cols
-            mask = offs < col_end
-            x = tl.load(row_ptr + offs, mask=offs < read_end, other=0.0).to(tl.float32)
-            z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-            p = tl.where(offs < read_end, tl.exp((z - m_g) - log_d_g), 0.0)
-            g = a * p - tl.where(offs == local_target, b, 0.0)
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    g -= s * tl.load(weight_ptr + offs, mask=mask, other=0.0)
-                else:
-                    g -= s
-            if HAS_SOFTCAP:
-                th = z / softcap  # tanh(logit_scale * x / softcap)
-                g = g * (1.0 - th * th)
-            if HAS_SCALE:
-                g = g * logit_scale
-            tl.store(grad_row_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        _write_grad_chunk(
+            row_ptr, grad_ptr + row * stride_grad_row, weight_ptr, col_start, col_end,
+            tl.where(ignored, col_start, col_end), local_target, m_g, log_d_g, a, b, s,
+            logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT,
+            HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
+        )
 
 
 @triton.jit
-def _ce_bwd_kernel(
+def ce_bwd_kernel(
     grad_ptr,
     grad_output_ptr,
     stride_grad_row,

@@ -58,7 +58,7 @@ def main() -> int:
             constexprs = dict(flags, BLOCK_SIZE=1024, PARTIAL_BLOCK=4, MERGE=merge,
                               VOCAB_PARALLEL=vp, HAS_ZLOSS=zloss, STORE_STATS=not grad,
                               COMPUTE_GRAD=grad)
-            _compile(ce._ce_fwd_kernel, _fwd_signature(dtype), constexprs)
+            _compile(ce.ce_fwd_kernel, _fwd_signature(dtype), constexprs)
             variants += 1
         stats_sig = {"logits_ptr": dtype, "target_ptr": "*i64", "weight_ptr": "*fp32",
                      "partial_ptr": "*fp32", "partial_idx_ptr": "*i32",
@@ -66,10 +66,10 @@ def main() -> int:
                      "cols_per_split": "i32", "n_splits": "i32", "ignore_index": "i32",
                      "logit_scale": "fp32", "softcap": "fp32"}
         for on in (False, True):
-            _compile(ce._ce_stats_kernel, stats_sig,
+            _compile(ce.ce_stats_kernel, stats_sig,
                      dict(dict.fromkeys(FLAGS, on), BLOCK_SIZE=2048))
             variants += 1
-        _compile(ce._ce_bwd_kernel, {"grad_ptr": dtype, "grad_output_ptr": "*fp32",
+        _compile(ce.ce_bwd_kernel, {"grad_ptr": dtype, "grad_output_ptr": "*fp32",
                                      "stride_grad_row": "i64", "stride_grad_output": "i32",
                                      "n_cols": "i32"}, {"BLOCK_SIZE": 4096})
         variants += 1

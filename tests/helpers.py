@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import torch
 
 import fusedce
 from fusedce import CrossEntropyFunction, LossSpec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fusedce.testing import free_port
 
 
 def grad_output_for(reduction: str, n_rows: int, device, scalar: float = 0.7) -> torch.Tensor:

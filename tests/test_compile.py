@@ -9,7 +9,6 @@ import fusedce
 from fusedce.testing import make_logits, make_targets, rel_err
 
 
-
 def _loss(x, t, w, impl, inplace=False):
     loss, stats = fusedce.cross_entropy(x, t, w, label_smoothing=0.1, softcap=20.0,
                                         lse_square_scale=1e-4, impl=impl, return_stats=True,

@@ -9,7 +9,6 @@ import fusedce
 from fusedce import functional
 
 
-
 def _inputs(device, n_rows=4, n_cols=10):
     return torch.randn(n_rows, n_cols, device=device), torch.randint(0, n_cols, (n_rows,),
                                                                       device=device)

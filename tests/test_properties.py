@@ -11,7 +11,6 @@ import fusedce
 from fusedce.testing import make_logits, make_targets, reference_cross_entropy, rel_err
 
 
-
 def _loss_and_grad(logits, target, **kwargs):
     logits = logits.detach().clone().requires_grad_()
     loss = fusedce.cross_entropy(logits, target, **kwargs)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..functional import cross_entropy
 
+
 def causal_lm_loss(
     logits: Tensor,
     labels: Tensor,
