@@ -12,6 +12,7 @@ from torch import Tensor
 from .spec import Impl, LossSpec
 
 REDUCTIONS = ("none", "mean", "sum")
+BACKWARDS = ("auto", "stored", "recompute")
 IMPLS = ("auto", "triton", "torch")
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -179,7 +180,7 @@ def check_options(
 # Keywords of the public functions that only class-index targets support.
 _CLASS_ONLY = {"logit_scale": 1.0, "softcap": None, "lse_square_scale": 0.0,
                "num_items_in_batch": None, "return_stats": False, "out_dtype": None,
-               "process_group": None, "inplace_backward": False}
+               "process_group": None, "inplace_backward": False, "backward": "auto"}
 
 
 def check_keywords(options: dict) -> None:
@@ -200,6 +201,12 @@ def make_spec(options: dict, impl: Impl) -> LossSpec:
     them, with the resolved ``impl``, into a ``LossSpec``: the one place the flat public
     keywords become the spec."""
     check_keywords(options)
+    backward = options.get("backward", "auto")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward == "recompute" and options.get("process_group") is not None:
+        raise ValueError("backward='recompute' is not available with process_group (the "
+                         "vocabulary-parallel backward scales the stored gradient)")
     softcap = options["softcap"]
     return LossSpec(
         ignore_index=int(options["ignore_index"]), reduction=options["reduction"],
@@ -209,7 +216,7 @@ def make_spec(options: dict, impl: Impl) -> LossSpec:
         lse_square_scale=float(options["lse_square_scale"]),
         return_stats=bool(options["return_stats"]), impl=impl,
         inplace_backward=bool(options.get("inplace_backward", False)),
-        out_dtype=options["out_dtype"])
+        out_dtype=options["out_dtype"], backward=backward)
 
 
 def check_inplace_target(input: Tensor, logits: Tensor) -> None:

@@ -96,6 +96,7 @@ def cross_entropy(
     return_stats: bool = False,
     out_dtype: torch.dtype | None = None,
     process_group: object | None = None,
+    backward: Literal["auto", "stored", "recompute"] = "auto",
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
     (Long for its docstring, the public contract; the work is in ``_cross_entropy``.)
@@ -145,6 +146,12 @@ def cross_entropy(
             slice of the logits, ``target`` the global class ids, ``weight`` the full weight
             vector.  Only per-token numbers are exchanged (see ``fusedce.distributed``); the
             loss is the same on every rank and the gradient is this rank's slice.
+        backward: ``"stored"``: the forward writes the gradient and the backward scales it by
+            ``grad_output`` (4 bytes per bf16 logit when ``grad_output`` is 1, 8 otherwise);
+            ``"recompute"``: the forward keeps per-row statistics and the backward writes the
+            gradient with ``grad_output`` folded in (6 bytes per logit whatever
+            ``grad_output`` is; the logits stay alive until the backward); ``"auto"``:
+            recompute for ``reduction="none"``, stored otherwise.
 
     Returns:
         The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
@@ -232,6 +239,7 @@ def linear_cross_entropy(
     out_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     impl: ImplChoice = "auto",
+    backward: Literal["auto", "stored", "recompute"] = "auto",
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
@@ -256,6 +264,10 @@ def linear_cross_entropy(
         out_dtype: dtype of the returned loss (default: the input's), e.g. ``torch.float32``.
         chunk_size: rows per chunk; None picks logits about the size of ``input`` (at least
             8 Mi elements, at most 1/8 of free GPU memory).
+        backward: ``"stored"``: the gradients are made in the forward and scaled by
+            ``grad_output`` in the backward; ``"recompute"``: the backward makes them in one more
+            chunked pass with ``grad_output`` folded in (the matrix products run twice);
+            ``"auto"``: recompute for ``reduction="none"``, stored otherwise.
 
     Returns:
         The loss (the target's shape for ``none``); with ``return_stats``,

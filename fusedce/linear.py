@@ -210,7 +210,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 linear_bias is not None and ctx.needs_input_grad[2])
         scale = reduction_scale(target, weight, spec, linear_weight.shape[0],
                                 num_items_in_batch, math_dtype(input, spec))
-        deferred = spec.reduction == "none" and any(need)
+        deferred = spec.recompute_backward and any(need)
         *rows, gx, gw, gb = _linear_ce_pass_op(
             input, linear_weight, linear_bias, target, weight, scale, spec.encode(), chunk_size,
             *((False,) * 3 if deferred else need))

@@ -42,7 +42,7 @@ class CrossEntropyLoss(_KeepsOptions):
         weight: (C,) class weights, kept as a buffer (so ``.to()`` and ``state_dict`` carry it).
         ignore_index, reduction, label_smoothing: as in ``torch.nn.CrossEntropyLoss``.
         impl, inplace_backward, logit_scale, softcap, lse_square_scale, return_stats,
-        out_dtype, process_group: as in ``fusedce.cross_entropy``.
+        out_dtype, process_group, backward: as in ``fusedce.cross_entropy``.
 
     Shape: ``input`` (N, C), (C,) or (N, C, d1, ...); ``target`` (N,), () or (N, d1, ...).
     ``forward(input, target, num_items_in_batch=None)`` takes the gradient-accumulation
@@ -64,6 +64,7 @@ class CrossEntropyLoss(_KeepsOptions):
         return_stats: bool = False,
         out_dtype: torch.dtype | None = None,
         process_group: object | None = None,
+        backward: Literal["auto", "stored", "recompute"] = "auto",
     ) -> None:
         super().__init__()
         self._keep(dict(locals()))
@@ -87,7 +88,7 @@ class LinearCrossEntropyLoss(_KeepsOptions):
         in_features, num_classes: H and C.
         bias: whether the projection has a bias.
         weight, ignore_index, reduction, label_smoothing, logit_scale, softcap,
-        lse_square_scale, return_stats, out_dtype, chunk_size, impl: as in
+        lse_square_scale, return_stats, out_dtype, chunk_size, impl, backward: as in
         ``fusedce.linear_cross_entropy``; ``weight`` (class weights) is kept as a buffer.
         device, dtype: of the parameters.
     """
@@ -109,6 +110,7 @@ class LinearCrossEntropyLoss(_KeepsOptions):
         out_dtype: torch.dtype | None = None,
         chunk_size: int | None = None,
         impl: ImplChoice = "auto",
+        backward: Literal["auto", "stored", "recompute"] = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:

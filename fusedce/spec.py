@@ -18,6 +18,7 @@ from torch import Tensor
 
 Impl = Literal["triton", "torch"]
 Reduction = Literal["none", "mean", "sum"]
+Backward = Literal["auto", "stored", "recompute"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,10 @@ class LossSpec:
         impl: ``"triton"`` or ``"torch"`` (already resolved).
         inplace_backward: write the gradient into the logits' storage.
         out_dtype: the loss's dtype, or None for the input's.
+        backward: ``"stored"`` (the forward writes the gradient, the backward scales it),
+            ``"recompute"`` (the forward keeps per-row statistics, the backward writes the
+            gradient with ``grad_output`` folded in) or ``"auto"`` (recompute for
+            ``reduction="none"``, stored otherwise); see ``recompute_backward``.
         block_size, n_splits: kernel tiling overrides (None: the launch heuristic).
     """
 
@@ -49,6 +54,7 @@ class LossSpec:
     impl: Impl = "torch"
     inplace_backward: bool = False
     out_dtype: torch.dtype | None = None
+    backward: Backward = "auto"
     block_size: int | None = None
     n_splits: int | None = None
 
@@ -72,11 +78,20 @@ class LossSpec:
     @property
     def recompute_backward(self) -> bool:
         """Whether the backward recomputes the gradient from the saved logits and per-row
-        statistics (one read and one write, ``grad_output`` folded in before the one rounding)
-        instead of scaling a gradient stored by the forward.  Chosen for ``reduction="none"``,
-        whose per-token ``grad_output`` would otherwise cost a second read and write of the
-        gradient and round it twice."""
-        return self.reduction == "none"
+        statistics instead of scaling a gradient the forward stored.
+
+        Traffic per logit (bf16, the forward's second read of a row served by L2): stored costs
+        4 bytes when ``grad_output`` is 1 (read, write) and 8 otherwise (the backward reads and
+        writes the gradient again, rounding it twice); recompute costs 6 bytes whatever
+        ``grad_output`` is (forward: read; backward: read, write).  ``"auto"`` recomputes for
+        ``reduction="none"``, whose per-token ``grad_output`` is never all ones, and stores
+        otherwise (``grad_output`` 1 is the common case of a mean); pass
+        ``backward="recompute"`` when the loss will be scaled (fp16 loss scaling, a division by
+        the accumulation steps).  Recompute keeps the logits alive until the backward.
+        """
+        if self.backward == "auto":
+            return self.reduction == "none"
+        return self.backward == "recompute"
 
     def replace(self, **changes) -> LossSpec:
         return dataclasses.replace(self, **changes)
@@ -88,14 +103,14 @@ class LossSpec:
         values = [str(self.ignore_index), self.reduction, str(self.label_smoothing),
                   str(self.logit_scale), str(self.softcap), str(self.lse_square_scale),
                   str(self.return_stats), self.impl, str(self.inplace_backward), dtype,
-                  str(self.block_size), str(self.n_splits)]
+                  self.backward, str(self.block_size), str(self.n_splits)]
         return ";".join(values)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def decode(text: str) -> LossSpec:
         (ignore_index, reduction, smoothing, logit_scale, softcap, z_scale, stats, impl, inplace,
-         dtype, block_size, n_splits) = text.split(";")
+         dtype, backward, block_size, n_splits) = text.split(";")
 
         def optional(value: str, kind):
             return None if value == "None" else kind(value)
@@ -105,7 +120,7 @@ class LossSpec:
             logit_scale=float(logit_scale), softcap=optional(softcap, float),
             lse_square_scale=float(z_scale), return_stats=stats == "True", impl=impl,
             inplace_backward=inplace == "True",
-            out_dtype=None if dtype == "None" else getattr(torch, dtype),
+            out_dtype=None if dtype == "None" else getattr(torch, dtype), backward=backward,
             block_size=optional(block_size, int), n_splits=optional(n_splits, int))
 
 
@@ -156,5 +171,5 @@ class VocabSlice(NamedTuple):
     target_weight: Tensor | None
 
 
-__all__ = ["Impl", "LossSpec", "Reduction", "RowResults", "RowStats", "VocabSlice",
+__all__ = ["Backward", "Impl", "LossSpec", "Reduction", "RowResults", "RowStats", "VocabSlice",
            "accumulation_dtype"]

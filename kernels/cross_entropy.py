@@ -246,7 +246,8 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
         grad: (N, C) gradient written by ``ce_fwd``, unit column stride.
         grad_output: a scalar (mean/sum reductions) or (N,) per-row factors, any float dtype, on
             the same device.  Rows whose factor is exactly 1 are left untouched, so the common
-            ``grad_output == 1`` costs one launch and no memory traffic.
+            ``grad_output == 1`` costs one launch of at most four programs per SM, each reading
+            one scalar per row it owns, and no traffic of the gradient.
     """
     n_rows, n_cols = grad.shape
     if n_rows == 0 or n_cols == 0:
@@ -255,12 +256,13 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
         block_size = min(triton.next_power_of_2(n_cols), 4096)
     factor = grad_output.reshape(-1)
     stride = 0 if factor.numel() == 1 else factor.stride(0)
-    grid = (n_rows, triton.cdiv(n_cols, block_size))
-    ce_bwd_kernel[grid](
+    n_programs = min(n_rows, 4 * _num_sms(grad.device))
+    ce_bwd_kernel[(n_programs,)](
         grad_ptr=grad,
         grad_output_ptr=factor,
         stride_grad_row=grad.stride(0),
         stride_grad_output=stride,
+        n_rows=n_rows,
         n_cols=n_cols,
         BLOCK_SIZE=block_size,
         num_warps=min(8, max(1, block_size // 512)),

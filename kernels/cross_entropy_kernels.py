@@ -28,7 +28,9 @@ section 5), weighted by the target's class weight like the rest of the row's los
 
 The log-sum-exp is computed online (Milakov & Gimelshein 2018, "Online normalizer calculation
 for softmax"): each lane of a ``BLOCK_SIZE`` vector keeps its own running max and sum of
-``exp(z - max)``, rescaled when its max grows; lanes are merged once at the end.
+``exp(z - max)``, rescaled when its max grows, with one exponential per element
+(``exp(-|z - max|)`` serves as the new term or as the rescaling factor); lanes are merged once
+at the end.
 
 A row whose target equals ``ignore_index`` has loss 0 and gradient 0 and its logits are never
 read.  A target outside ``[0, C)`` that is not ignored is never used as an address: its row gets a
@@ -101,12 +103,15 @@ def _row_chunk_stats(
         x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(mask, z, -float("inf"))
-        m_new = tl.maximum(m_vec, z)
-        d_vec = d_vec * tl.exp(m_vec - m_new) + tl.exp(z - m_new)
+        # One exponential per element: exp(-|z - m|) is the new element's term when z does not
+        # raise the lane's max, and the old sum's rescaling factor when it does.
+        t = tl.exp(-tl.abs(z - m_vec))
+        grow = z > m_vec
+        d_vec = tl.where(grow, d_vec * t + 1.0, d_vec + t)
         if RETURN_STATS:
             # Columns grow along a lane, so a strict > keeps each lane's first maximum.
-            i_vec = tl.where(z > m_vec, offs.to(tl.int32), i_vec)
-        m_vec = m_new
+            i_vec = tl.where(grow, offs.to(tl.int32), i_vec)
+        m_vec = tl.where(grow, z, m_vec)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
@@ -429,22 +434,25 @@ def ce_bwd_kernel(
     grad_output_ptr,
     stride_grad_row,
     stride_grad_output,
+    n_rows,
     n_cols,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """grad[row, :] *= grad_output[row]; a program whose factor is exactly 1 does nothing.
+    """grad[row, :] *= grad_output[row], rows strided over the programs; a row whose factor is
+    exactly 1 is not touched, so grad_output == 1 costs each program one scalar load.
 
     Args:
         grad_ptr: (n_rows, n_cols) gradient of the logits, unit column stride, scaled in place.
         grad_output_ptr: fp32 scalar (stride_grad_output 0) or one factor per row.
-        BLOCK_SIZE: columns per program (the grid's second axis covers the row).
+        BLOCK_SIZE: columns per load.
     """
-    row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1).to(tl.int64)
-    factor = tl.load(grad_output_ptr + row * stride_grad_output).to(tl.float32)
-    if factor != 1.0:
-        offs = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n_cols
-        ptr = grad_ptr + row * stride_grad_row + offs
-        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptr, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+    first_row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets
+    for row in range(first_row, n_rows, tl.num_programs(0)):
+        factor = tl.load(grad_output_ptr + row * stride_grad_output).to(tl.float32)
+        if factor != 1.0:
+            row_ptr = grad_ptr + row * stride_grad_row
+            for start in range(0, n_cols, BLOCK_SIZE):
+                offs = start + tl.arange(0, BLOCK_SIZE)
+                mask = offs < n_cols
+                g = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(row_ptr + offs, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)

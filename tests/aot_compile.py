@@ -71,7 +71,7 @@ def main() -> int:
             variants += 1
         _compile(ce.ce_bwd_kernel, {"grad_ptr": dtype, "grad_output_ptr": "*fp32",
                                      "stride_grad_row": "i64", "stride_grad_output": "i32",
-                                     "n_cols": "i32"}, {"BLOCK_SIZE": 4096})
+                                     "n_rows": "i32", "n_cols": "i32"}, {"BLOCK_SIZE": 4096})
         variants += 1
         print(f"{dtype[1:]}: compiled", flush=True)
     print(f"{variants} kernel variants compiled for sm_90")

@@ -279,3 +279,26 @@ def test_module_defaults_match_pytorch():
     for name in ("ignore_index", "reduction", "label_smoothing"):
         assert getattr(ours, name) == getattr(theirs, name)
     assert ours.weight is None
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backward", ["stored", "recompute"])
+def test_backward_choice(impl, backward, reduction, inplace, device, poison):
+    """Both backward designs give the same answer, for every reduction, in place or not."""
+    hidden = make_logits(9, 700, torch.bfloat16, device).requires_grad_()
+    logits = hidden * 1.0
+    target = make_targets(9, 700, device, ignore_fraction=0.2)
+    weight = torch.rand(700, device=device) + 0.5
+    loss = fusedce.cross_entropy(logits, target, weight, reduction=reduction,
+                                 label_smoothing=0.1, impl=impl, backward=backward,
+                                 inplace_backward=inplace)
+    go = grad_output_for(reduction, 9, device, 0.3)
+    loss.backward(go.to(loss.dtype))
+    _check(loss, hidden.grad, hidden, target, weight, reduction, 0.1, go, torch.bfloat16)
+
+
+def test_backward_choice_errors(device):
+    x, t = make_logits(3, 10, torch.float32, device), make_targets(3, 10, device)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        fusedce.cross_entropy(x, t, backward="lazy")

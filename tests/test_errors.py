@@ -82,3 +82,22 @@ def test_kernel_gives_nan_for_out_of_range_target(reduction, device, poison):
         assert torch.isnan(loss)
     assert torch.isnan(x.grad[[1, 4]]).all()
     assert torch.isfinite(x.grad[[0, 2, 3, 5]]).all()
+
+
+def test_auto_on_cuda_without_kernels_warns_once(monkeypatch):
+    """A CUDA tensor with impl='auto' when fusedce.kernels cannot be imported (Triton missing,
+    or a checkout without an install): one loud warning naming the fix, then PyTorch."""
+    from fusedce import checks
+
+    monkeypatch.setattr(checks, "kernels_importable", lambda: (False, "ImportError: test"))
+    monkeypatch.setattr(checks, "_WARNED", set())
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match=r"pip install -e \."):
+        assert functional.resolve_impl("auto", cuda) == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert functional.resolve_impl("auto", cuda) == "torch"  # once only
+    with pytest.raises(RuntimeError, match="failed to import"):
+        functional.resolve_impl("triton", cuda)

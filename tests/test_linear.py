@@ -131,3 +131,15 @@ def test_argument_errors(kwargs, error, message):
     target = torch.randint(0, 30, kwargs.pop("target_shape", (10,)))
     with pytest.raises(error, match=message):
         fusedce.linear_cross_entropy(x, w, target, linear_bias=b, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_recompute_backward(impl, reduction, device):
+    """backward='recompute': the gradients made in the backward, grad_output folded in."""
+    x, w, b, target = _inputs(20, 16, 90, torch.float32, device)
+    loss = fusedce.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction,
+                                        chunk_size=7, impl=impl, backward="recompute")
+    go = torch.tensor(0.37, device=device)
+    grads = torch.autograd.grad(loss, (x, w, b), go)
+    _check(loss, grads, reference_linear(x, w, target, b, go, reduction=reduction),
+           torch.float32)
