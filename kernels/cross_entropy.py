@@ -51,14 +51,17 @@ def launch_config(
 ) -> LaunchConfig:
     """Choose block size, warps and vocabulary split for an ``(n_rows, n_cols)`` problem.
 
-    Heuristic: a block covers up to 8192 columns (32 KiB of fp32 state per lane vector) with one
-    warp per 512 columns, between 4 and 16.  The vocabulary is split across programs only when
+    Heuristic: a block covers up to 16384 columns with one warp per 512 columns, between 4 and
+    32: 16 columns per thread, and at the largest block one program of 1024 threads per SM (at
+    most 64 registers each), so the rows in flight between a row's two reads (132 rows of
+    bf16 at 128256 classes: 34 MB) stay inside an H100's or H200's 50 MB L2 (the static model in
+    ``bench/model`` shows the figures).  The vocabulary is split across programs only when
     there are fewer than four rows per SM, so that every SM gets work; a chunk is never smaller
     than four blocks.  ``block_size`` and ``n_splits`` override the heuristic (tests use them to
     reach the multi-block and split paths at small sizes).
     """
     if block_size is None:
-        block_size = min(triton.next_power_of_2(max(n_cols, 1)), 8192)
+        block_size = min(triton.next_power_of_2(max(n_cols, 1)), 16384)
     elif block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     n_blocks = triton.cdiv(max(n_cols, 1), block_size)
@@ -73,7 +76,7 @@ def launch_config(
     # Round the chunk up to whole blocks, then drop splits that would be empty.
     cols_per_split = triton.cdiv(n_blocks, n_splits) * block_size
     n_splits = triton.cdiv(max(n_cols, 1), cols_per_split)
-    num_warps = min(16, max(4, block_size // 512))
+    num_warps = min(32, max(4, block_size // 512))
     return LaunchConfig(block_size, num_warps, n_splits, cols_per_split)
 
 

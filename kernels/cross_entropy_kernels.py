@@ -46,12 +46,17 @@ import triton.language as tl
 # has only seen -inf logits (masked vocabulary entries) rescales by exp(0) instead of exp(nan).
 _MIN_F32 = tl.constexpr(-3.4028234663852886e38)
 _MAX_I32 = tl.constexpr(2147483647)
+# Exponentials are exp2 of arguments scaled by log2(e): exp2 compiles to one MUFU.EX2 (tl.exp
+# adds a range check and two multiplies for denormal results, which a softmax can flush to 0).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_NEG_LOG2E = tl.constexpr(-1.4426950408889634)
+_TWO_LOG2E = tl.constexpr(2.8853900817779268)
 
 
 @triton.jit
 def _tanh(u):
     # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf/inf for large |u|.
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    return 1.0 - 2.0 / (tl.math.exp2(u * _TWO_LOG2E) + 1.0)
 
 
 @triton.jit
@@ -76,11 +81,49 @@ def _row_anchor(row_ptr, read, logit_scale, softcap, HAS_SCALE: tl.constexpr,
 
 
 @triton.jit
+def _stats_step(row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, i_vec,
+                logit_scale, softcap, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr):
+    """One block of the online statistics: columns [start, start + BLOCK_SIZE), masked at
+    ``col_end`` only for the tail block (full blocks load without predicates)."""
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    if MASKED:
+        mask = offs < col_end
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + offs).to(tl.float32)
+    z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    if MASKED:
+        z = tl.where(mask, z, -float("inf"))
+    # One exponential per element: exp(-|z - m|) is the new element's term when z does not
+    # raise the lane's max, and the old sum's rescaling factor when it does.
+    t = tl.math.exp2(tl.abs(z - m_vec) * _NEG_LOG2E)
+    grow = z > m_vec
+    d_vec = tl.where(grow, d_vec * t + 1.0, d_vec + t)
+    if RETURN_STATS:
+        # Columns grow along a lane, so a strict > keeps each lane's first maximum.
+        i_vec = tl.where(grow, offs, i_vec)
+    m_vec = tl.where(grow, z, m_vec)
+    if HAS_SMOOTHING:
+        zr = z - ref
+        if MASKED:
+            zr = tl.where(mask, zr, 0.0)
+        if HAS_WEIGHT:
+            if MASKED:
+                zr *= tl.load(weight_ptr + offs, mask=mask, other=0.0)
+            else:
+                zr *= tl.load(weight_ptr + offs)
+        sz_vec += zr
+    return m_vec, d_vec, sz_vec, i_vec
+
+
+@triton.jit
 def _row_chunk_stats(
     row_ptr,  # pointer to column 0 of the row
     weight_ptr,
-    col_start,
-    col_end,  # exclusive; col_end <= col_start means an empty chunk
+    col_start,  # int32, a multiple of BLOCK_SIZE
+    col_end,  # int32, exclusive; col_end <= col_start means an empty chunk
     ref,  # the row's anchor logit (smoothing only)
     logit_scale,
     softcap,
@@ -91,35 +134,27 @@ def _row_chunk_stats(
     HAS_SOFTCAP: tl.constexpr,
     RETURN_STATS: tl.constexpr,
 ):
-    """Online (max m, sum exp(z - m), sum w*(z - ref), first argmax) over [col_start, col_end)."""
-    cols = tl.arange(0, BLOCK_SIZE)
+    """Online (max m, sum exp(z - m), sum w*(z - ref), first argmax) over [col_start, col_end):
+    full blocks unmasked, then the tail block masked."""
     m_vec = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
     d_vec = tl.zeros([BLOCK_SIZE], tl.float32)
     sz_vec = tl.zeros([BLOCK_SIZE], tl.float32)
     i_vec = tl.full([BLOCK_SIZE], _MAX_I32, tl.int32)
-    for start in range(col_start, col_end, BLOCK_SIZE):
-        offs = start + cols
-        mask = offs < col_end
-        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        z = tl.where(mask, z, -float("inf"))
-        # One exponential per element: exp(-|z - m|) is the new element's term when z does not
-        # raise the lane's max, and the old sum's rescaling factor when it does.
-        t = tl.exp(-tl.abs(z - m_vec))
-        grow = z > m_vec
-        d_vec = tl.where(grow, d_vec * t + 1.0, d_vec + t)
-        if RETURN_STATS:
-            # Columns grow along a lane, so a strict > keeps each lane's first maximum.
-            i_vec = tl.where(grow, offs.to(tl.int32), i_vec)
-        m_vec = tl.where(grow, z, m_vec)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-                sz_vec += tl.where(mask, w * (z - ref), 0.0)
-            else:
-                sz_vec += tl.where(mask, z - ref, 0.0)
+    full_end = col_start + tl.maximum(col_end - col_start, 0) // BLOCK_SIZE * BLOCK_SIZE
+    for start in range(col_start, full_end, BLOCK_SIZE):
+        m_vec, d_vec, sz_vec, i_vec = _stats_step(
+            row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, i_vec, logit_scale,
+            softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=False, HAS_WEIGHT=HAS_WEIGHT,
+            HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
+            RETURN_STATS=RETURN_STATS)
+    if full_end < col_end:
+        m_vec, d_vec, sz_vec, i_vec = _stats_step(
+            row_ptr, weight_ptr, full_end, col_end, ref, m_vec, d_vec, sz_vec, i_vec,
+            logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=True, HAS_WEIGHT=HAS_WEIGHT,
+            HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
+            RETURN_STATS=RETURN_STATS)
     m = tl.max(m_vec, axis=0)
-    d = tl.sum(d_vec * tl.exp(m_vec - m), axis=0)
+    d = tl.sum(d_vec * tl.math.exp2((m_vec - m) * _LOG2E), axis=0)
     sz = tl.sum(sz_vec, axis=0)
     idx = tl.min(tl.where(m_vec == m, i_vec, _MAX_I32), axis=0)
     return m, d, sz, idx
@@ -137,7 +172,7 @@ def _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
     m_part = tl.load(partial_ptr + part, mask=smask, other=_MIN_F32)
     d_part = tl.load(partial_ptr + plane + part, mask=smask, other=0.0)
     m = tl.max(m_part, axis=0)
-    d = tl.sum(d_part * tl.exp(m_part - m), axis=0)
+    d = tl.sum(d_part * tl.math.exp2((m_part - m) * _LOG2E), axis=0)
     sz = tl.sum(tl.load(partial_ptr + 2 * plane + part, mask=smask, other=0.0), axis=0)
     idx = _MAX_I32
     if RETURN_STATS:
@@ -174,32 +209,82 @@ def _target_terms(row_ptr, weight_ptr, weight_sum_ptr, target_logit_ptr, target_
 
 
 @triton.jit
-def _write_grad_chunk(row_ptr, grad_row_ptr, weight_ptr, col_start, col_end, read_end,
-                      local_target, m, log_d, a, b, s, logit_scale, softcap,
-                      BLOCK_SIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+def _grad_values(x, m, log_d, a, s, w, logit_scale, softcap, HAS_SMOOTHING: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(a * p - s * w) * dz/dx with p = exp((z - m) - log d): the gradient of every column
+    but the target's, which also gets -b * dz/dx."""
+    z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    g = a * tl.math.exp2((z - m) * _LOG2E - log_d * _LOG2E)
+    if HAS_SMOOTHING:
+        g -= s * w
+    return _chain(g, z, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+
+
+@triton.jit
+def _chain(g, z, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """g * dz/dx: softcap's 1 - tanh^2 (tanh = z / softcap), then logit_scale."""
+    if HAS_SOFTCAP:
+        th = z / softcap
+        g = g * (1.0 - th * th)
+    if HAS_SCALE:
+        g = g * logit_scale
+    return g
+
+
+@triton.jit
+def _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s, logit_scale,
+               softcap, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr):
+    """One block of the gradient: columns [start, start + BLOCK_SIZE), masked at ``col_end``
+    only for the tail block."""
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    mask = offs < col_end
+    if MASKED:
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + offs).to(tl.float32)
+    w = 1.0
+    if HAS_SMOOTHING and HAS_WEIGHT:
+        if MASKED:
+            w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+        else:
+            w = tl.load(weight_ptr + offs)
+    g = _grad_values(x, m, log_d, a, s, w, logit_scale, softcap, HAS_SMOOTHING=HAS_SMOOTHING,
+                     HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP)
+    if MASKED:
+        tl.store(grad_row_ptr + offs, g.to(grad_row_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(grad_row_ptr + offs, g.to(grad_row_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _write_grad_chunk(row_ptr, grad_row_ptr, weight_ptr, col_start, col_end, m, log_d, a, s,
+                      logit_scale, softcap, BLOCK_SIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr):
-    """Write g_c = (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c over [col_start, col_end),
-    with p_c = exp((z_c - m) - log d); columns at or past ``read_end`` are not read (p = 0)."""
-    cols = tl.arange(0, BLOCK_SIZE)
+    """Write (a * p_c - s * w_c) * dz_c/dx_c over [col_start, col_end): full blocks unmasked,
+    then the tail block masked.  (The target column's -b term is written afterwards.)"""
+    full_end = col_start + (col_end - col_start) // BLOCK_SIZE * BLOCK_SIZE
+    for start in range(col_start, full_end, BLOCK_SIZE):
+        _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s,
+                   logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=False,
+                   HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE,
+                   HAS_SOFTCAP=HAS_SOFTCAP)
+    if full_end < col_end:
+        _grad_step(row_ptr, grad_row_ptr, weight_ptr, full_end, col_end, m, log_d, a, s,
+                   logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=True,
+                   HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE,
+                   HAS_SOFTCAP=HAS_SOFTCAP)
+
+
+@triton.jit
+def _zero_chunk(grad_row_ptr, col_start, col_end, BLOCK_SIZE: tl.constexpr):
+    """An ignored row's gradient: zeros, without reading its logits."""
+    zeros = tl.zeros([BLOCK_SIZE], tl.float32).to(grad_row_ptr.dtype.element_ty)
     for start in range(col_start, col_end, BLOCK_SIZE):
-        offs = start + cols
-        mask = offs < col_end
-        x = tl.load(row_ptr + offs, mask=offs < read_end, other=0.0).to(tl.float32)
-        z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        p = tl.where(offs < read_end, tl.exp((z - m) - log_d), 0.0)
-        g = a * p - tl.where(offs == local_target, b, 0.0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                g -= s * tl.load(weight_ptr + offs, mask=mask, other=0.0)
-            else:
-                g -= s
-        if HAS_SOFTCAP:
-            th = z / softcap  # tanh(logit_scale * x / softcap)
-            g = g * (1.0 - th * th)
-        if HAS_SCALE:
-            g = g * logit_scale
-        tl.store(grad_row_ptr + offs, g.to(grad_row_ptr.dtype.element_ty), mask=mask)
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        tl.store(grad_row_ptr + offs, zeros, mask=offs < col_end)
 
 
 @triton.jit
@@ -244,7 +329,7 @@ def ce_stats_kernel(
         RETURN_STATS: also find each chunk's first argmax (token accuracy).
     """
     row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)  # columns are int32 offsets from the row's 64-bit start
     row_ptr = logits_ptr + row * stride_logits_row
     ignored = tl.load(target_ptr + row).to(tl.int64) == ignore_index
     col_start = split * cols_per_split
@@ -350,13 +435,12 @@ def ce_fwd_kernel(
         COMPUTE_GRAD: write the gradient.
     """
     row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)  # columns are int32 offsets from the row's 64-bit start
     row_ptr = logits_ptr + row * stride_logits_row
     target = tl.load(target_ptr + row).to(tl.int64)
     ignored = target == ignore_index
     valid = (target >= 0) & (target < n_classes)
     read_t = valid & (~ignored)
-    local_target = target - vocab_start  # in [0, n_cols) when this slice holds the target
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
 
@@ -409,23 +493,34 @@ def ce_fwd_kernel(
     #    g_c = scale * (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c, zero for an ignored row.
     if COMPUTE_GRAD:
         scale = tl.load(scale_ptr + row * stride_scale)
-        scale = tl.where(ignored, 0.0, scale)
         scale = tl.where(valid | ignored, scale, float("nan"))
         b = scale * (1.0 - label_smoothing) * w_t
         s = scale * label_smoothing / n_classes
-        # An ignored row uses m = log d = 0 with every load masked off: p = 0 and g = 0 are
-        # written without reading the logits.
-        m_g = tl.where(ignored, 0.0, m)
-        log_d_g = tl.where(ignored, 0.0, log_d)
         a = b + s * w_sum
         if HAS_ZLOSS:
-            a += scale * 2.0 * lse_square_scale * w_t * tl.where(ignored, 0.0, lse)
-        _write_grad_chunk(
-            row_ptr, grad_ptr + row * stride_grad_row, weight_ptr, col_start, col_end,
-            tl.where(ignored, col_start, col_end), local_target, m_g, log_d_g, a, b, s,
-            logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT,
-            HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
-        )
+            a += scale * 2.0 * lse_square_scale * w_t * lse
+        grad_row_ptr = grad_ptr + row * stride_grad_row
+        if ignored:
+            _zero_chunk(grad_row_ptr, col_start, col_end, BLOCK_SIZE=BLOCK_SIZE)
+        else:
+            _write_grad_chunk(
+                row_ptr, grad_row_ptr, weight_ptr, col_start, col_end, m, log_d, a, s,
+                logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT,
+                HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
+            )
+            # The target column, if this chunk holds it, gets -b more: written again once every
+            # thread's store of the chunk is done, from z_t (read before anything was written,
+            # so also right when the gradient overwrites the logits).
+            local_target = target - vocab_start
+            here = read_t & (local_target >= col_start) & (local_target < col_end)
+            p_t = tl.math.exp2((z_t - m) * _LOG2E - log_d * _LOG2E)
+            g_t = a * p_t - b
+            if HAS_SMOOTHING:
+                g_t -= s * w_t
+            g_t = _chain(g_t, z_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            tl.debug_barrier()
+            tl.store(grad_row_ptr + tl.where(here, local_target, 0),
+                     g_t.to(grad_ptr.dtype.element_ty), mask=here)
 
 
 @triton.jit

@@ -1,0 +1,143 @@
+"""The training steps the model analyses: fusedce in every mode, and Liger-Kernel's
+cross-entropy (imported from its package) in the modes it has.
+
+A workload builds its inputs for (rows, cols, dtype) and runs one step through the public API,
+whatever runs the kernels: Triton's interpreter (traffic), or recorders that only capture the
+launches (code).  Logits are activations (the LM head's output), not leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import fusedce
+from bench.contenders import _Activation
+from fusedce.spec import LossSpec, RowStats, VocabSlice
+
+SCALE = 1.0 / 8  # grad_output of the scaled modes (gradient accumulation over 8 micro-batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    contender: str  # "fusedce" or "liger"
+    mode: str
+    description: str
+    step: Callable[[Tensor, Tensor], object]  # (leaf logits, target) -> None
+    few_rows: bool = False  # the headline uses 64 rows (fusedce's split-vocabulary path)
+    linear: bool = False  # hidden states and an LM head instead of logits
+
+    @property
+    def name(self) -> str:
+        return f"{self.contender}:{self.mode}"
+
+
+def _ce(x, t, **kw):
+    return fusedce.cross_entropy(_Activation.apply(x), t, impl="triton", **kw)
+
+
+def _fwd(x, t):
+    with torch.no_grad():
+        fusedce.cross_entropy(x, t, impl="triton")
+
+
+def _fwd_bwd(go: float | None, **kw):
+    def step(x, t):
+        loss = _ce(x, t, **kw)
+        loss.backward(None if go is None else torch.tensor(go, dtype=loss.dtype))
+    return step
+
+
+def _none_bwd(x, t):
+    loss = _ce(x, t, reduction="none")
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype))
+
+
+def _vocab_parallel(x, t):
+    """One rank's launches of the vocabulary-parallel loss (the collectives aside): its slice's
+    statistics, then its loss and gradient pass from the merged statistics."""
+    from fusedce.kernels import ce_fwd, ce_row_stats
+
+    spec = LossSpec(impl="triton")
+    stats = ce_row_stats(x, t, None, spec)
+    pm, pd, psz = stats.partials
+    m = pm.amax(dim=1)
+    merged = RowStats(torch.stack([m, (pd * torch.exp(pm - m[:, None])).sum(1), psz.sum(1)])
+                      .unsqueeze(2), stats.argmax)
+    vocab = VocabSlice(0, 2 * x.shape[1], torch.zeros(x.shape[0]), None)
+    grad = torch.empty_like(x)
+    ce_fwd(x, t, None, None, torch.ones(1), spec, grad, row_stats=merged, vocab=vocab)
+
+
+def _linear(x, t):
+    """Hidden states (rows, 256) and an LM head (cols, 256): the chunked pass."""
+    hidden, head = x
+    loss = fusedce.linear_cross_entropy(hidden, head, t, impl="triton")
+    loss.backward()
+
+
+def _liger(go: float | None, reduction: str = "mean"):
+    def step(x, t):
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+        logits = _Activation.apply(x)
+        if go is None and reduction == "mean":  # forward only
+            with torch.no_grad():
+                LigerCrossEntropyFunction.apply(x.detach(), t, None, -100, 0.0, 0.0, "mean")
+            return
+        loss = LigerCrossEntropyFunction.apply(logits, t, None, -100, 0.0, 0.0, reduction)[0]
+        if reduction == "none":
+            loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype))
+        else:
+            loss.backward(torch.tensor(go, dtype=loss.dtype))
+    return step
+
+
+WORKLOADS = [
+    Workload("fusedce", "fwd", "forward only", _fwd),
+    Workload("fusedce", "fwd_bwd", "forward + backward, grad_output 1", _fwd_bwd(None)),
+    Workload("fusedce", "fwd_bwd_scaled", "grad_output 1/8, stored backward",
+             _fwd_bwd(SCALE)),
+    Workload("fusedce", "fwd_bwd_scaled_recompute",
+             "grad_output 1/8, backward='recompute'", _fwd_bwd(SCALE, backward="recompute")),
+    Workload("fusedce", "none_bwd", "reduction='none', per-token grad_output (recompute)",
+             _none_bwd),
+    Workload("fusedce", "inplace", "grad_output 1, inplace_backward=True",
+             _fwd_bwd(None, inplace_backward=True)),
+    Workload("fusedce", "few_rows", "64 rows, grad_output 1 (split vocabulary)",
+             _fwd_bwd(None), few_rows=True),
+    Workload("fusedce", "vocab_parallel", "one rank of two: statistics, then loss and gradient",
+             _vocab_parallel),
+    Workload("fusedce", "linear", "fused linear chunks (hidden 256), grad_output 1", _linear,
+             linear=True),
+    Workload("liger", "fwd", "forward only", _liger(None)),
+    Workload("liger", "fwd_bwd", "forward + backward, grad_output 1", _liger(1.0)),
+    Workload("liger", "fwd_bwd_scaled", "grad_output 1/8", _liger(SCALE)),
+    Workload("liger", "none_bwd", "reduction='none', per-token grad_output", _liger(1.0, "none")),
+]
+
+
+def liger_available() -> str | None:
+    try:
+        import liger_kernel.ops.cross_entropy  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not here"
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def make_inputs(workload: Workload, rows: int, cols: int, dtype: torch.dtype,
+                generator: torch.Generator):
+    """(x, target): logits (rows, cols) requiring grad, or (hidden, head) for linear."""
+    target = torch.randint(0, cols, (rows,), generator=generator)
+    target[::7] = -100
+    if workload.linear:
+        hidden = torch.randn(rows, 256, generator=generator).to(dtype).requires_grad_()
+        head = (torch.randn(cols, 256, generator=generator) * 0.05).to(dtype).requires_grad_()
+        return (hidden, head), target
+    x = (torch.randn(rows, cols, generator=generator) * 3).to(dtype)
+    if workload.mode != "vocab_parallel":
+        x.requires_grad_()
+    return x, target
