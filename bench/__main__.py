@@ -57,9 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", type=_names, default=list(MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--contenders", type=_names, default=list(CONTENDERS),
                    help=f"comma list of {list(CONTENDERS)}")
-    p.add_argument("--suites", type=_names, default=["ce", "linear", "comm"],
+    p.add_argument("--suites", type=_names, default=["ce", "linear", "comm", "model"],
                    help="ce (cross-entropy on logits), linear (fused linear cross-entropy), "
-                        "comm (vocabulary-parallel bytes per token, gloo on this machine)")
+                        "comm (vocabulary-parallel bytes per token, gloo on this machine), "
+                        "model (the static GPU performance model: bench/results/model)")
     p.add_argument("--linear-shapes", type=_names, default=None,
                    help="comma list of TOKENSxHIDDENxVOCAB (default GPU "
                         f"{GPU_LINEAR_SHAPES}, CPU {CPU_LINEAR_SHAPES})")
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name, values, allowed in (("dtypes", args.dtypes, DTYPES), ("modes", args.modes, MODES),
                                   ("contenders", args.contenders, CONTENDERS),
-                                  ("suites", args.suites, ("ce", "linear", "comm")),
+                                  ("suites", args.suites, ("ce", "linear", "comm", "model")),
                                   ("linear-dtypes", args.linear_dtypes or [], DTYPES),
                                   ("linear-contenders", args.linear_contenders,
                                    LINEAR_CONTENDERS)):
@@ -236,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     results += _run_linear(args, device, linear_runnable, linear_fns, generator)
     comm_rows = _run_comm(vocabs, None if args.no_plots else out) if "comm" in args.suites else []
 
+    if "model" in args.suites:
+        from .model.__main__ import DEFAULT_OUT
+        from .model.__main__ import run as run_model
+
+        print("static performance model (interpreter traffic, sm_90 code)...", flush=True)
+        run_model(DEFAULT_OUT)
+        print(f"wrote {DEFAULT_OUT}", flush=True)
+    if not {"ce", "linear", "comm"} & set(args.suites):
+        return 0
     meta = _meta(args, argv, device, bandwidth, started, skipped)
     report.write_json(out / "results.json", meta, results, comm_rows)
     report.write_markdown(out / "results.md", meta, results, comm_rows)

@@ -124,8 +124,37 @@ def _folder_lines(path: Path) -> list[str]:
     return lines + [""]
 
 
+def _model_lines() -> list[str]:
+    """The static model's headline table, labelled as a model (bench/results/model)."""
+    path = ROOT / "bench" / "results" / "model" / "model.json"
+    if not path.exists():
+        return []
+    from bench.model.report import headline_table
+
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    return [
+        "### Static GPU model (`model`): a model, not a GPU measurement",
+        "",
+        f"Generated {meta['date']} by `python -m bench --suites model` ({versions}): traffic "
+        "counted in Triton's interpreter, kernels compiled offline for sm_90 with the JIT's "
+        "specialisation, and a roofline from the H100/H200 datasheets; assumptions: "
+        f"{meta['assumptions']}. bf16, 8192 tokens x 128256 classes (Liger-Kernel's "
+        "cross-entropy, imported from its package, side by side):",
+        "",
+        headline_table(data),
+        "Every shape, the code of each launch and the traffic by launch: "
+        "[bench/results/model/model.md](bench/results/model/model.md).",
+        "",
+        "![model](bench/results/model/model.png)",
+        "",
+    ]
+
+
 def section() -> str:
     lines = [BEGIN, ""]
+    lines += _model_lines()
     folders = sorted(p for p in (ROOT / "bench" / "results").glob("*/results.json"))
     if not folders:
         lines += ["No results committed yet: run `bash scripts/bench.sh`.", ""]

@@ -79,6 +79,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                                          store_stats=recompute)
         outputs = reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
         ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.spec, ctx.recompute, ctx.consumed = spec, recompute, False
         if recompute:
             ctx.save_for_backward(input, target, weight, scale, stats)

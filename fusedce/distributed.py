@@ -200,6 +200,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         outputs, grad = vocab_parallel_forward(input, target, weight, num_items_in_batch, spec,
                                                group, compute_grad=ctx.needs_input_grad[0])
         ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.grad, ctx.spec = grad, spec  # an attribute: it may alias the input on purpose
         return outputs
 

@@ -217,6 +217,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         outputs = reduce_rows(RowResults(*rows), target, spec, scale,
                               spec.out_dtype or input.dtype)
         ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.deferred, ctx.need, ctx.consumed = deferred, need, False
         ctx.spec, ctx.chunk_size = spec, chunk_size
         if deferred:
@@ -247,7 +248,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = list(ctx.saved_tensors)
             if compiling:
                 grads = [g * grad_output.to(g.dtype) if g is not None else None for g in grads]
-            elif not (grad_output.device.type == "cpu" and float(grad_output) == 1.0):
+            else:
                 for g in grads:
                     if g is not None:
                         g.mul_(grad_output.to(g.dtype))  # small tensors: (N, H), (C, H), (C,)

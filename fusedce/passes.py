@@ -153,6 +153,35 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, spec: LossSpec) -> None:
     _ce_scale_grad_op(grad, grad_output, spec.encode())
 
 
+@torch.library.custom_op("fusedce::ce_scale", mutates_args=())
+def _ce_scale_op(target: Tensor, weight: Tensor | None, items: Tensor | None, spec: str,
+                 n_classes: int) -> Tensor:
+    """The kernels' one-launch reduction scale (see ``reduction_scale``)."""
+    from .kernels import ce_scale
+
+    return ce_scale(target, weight, items, LossSpec.decode(spec), n_classes)
+
+
+@_ce_scale_op.register_fake
+def _(target, weight, items, spec, n_classes):
+    return target.new_empty(1, dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedce::ce_reduce", mutates_args=())
+def _ce_reduce_op(rows: Tensor, scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """The kernels' one-launch reduction: sum(rows), times ``scale`` when given."""
+    if rows.numel() == 0:
+        return torch.zeros((), dtype=out_dtype, device=rows.device)
+    from .kernels import ce_reduce
+
+    return ce_reduce(rows, scale, out_dtype)
+
+
+@_ce_reduce_op.register_fake
+def _(rows, scale, out_dtype):
+    return rows.new_empty((), dtype=out_dtype)
+
+
 def reduction_scale(
     target: Tensor,
     weight: Tensor | None,
@@ -167,15 +196,20 @@ def reduction_scale(
     as in PyTorch, except that it is 0 when that sum is 0 (nothing counts, or the counted
     targets' weights add up to 0), so such a batch gives loss 0 and a zero gradient instead of
     NaN or inf; with ``num_items_in_batch`` it is ``1 / num_items_in_batch``.  For ``sum`` and
-    ``none`` it is 1.  Computed with device operations, never read on the host.
+    ``none`` it is 1.  Computed on the device, never read on the host: one launch for the
+    kernels, a few PyTorch operations otherwise.
     """
     device = target.device
     if spec.reduction != "mean":
         return torch.ones(1, dtype=dtype, device=device)
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            return 1.0 / num_items_in_batch.to(device=device, dtype=dtype).reshape(1)
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
         return torch.full((1,), 1.0 / num_items_in_batch, dtype=dtype, device=device)
+    if spec.impl == "triton":
+        items = num_items_in_batch.to(device).reshape(1) if num_items_in_batch is not None \
+            else None
+        return _ce_scale_op(target, weight, items, spec.encode(), n_classes)
+    if num_items_in_batch is not None:
+        return 1.0 / num_items_in_batch.to(device=device, dtype=dtype).reshape(1)
     counted = target != spec.ignore_index
     if weight is None:
         denom = counted.sum(dtype=dtype)
@@ -195,17 +229,20 @@ def reduce_rows(
     """Reduce per-row results: ``(loss in out_dtype, lse, z_loss, accuracy)``, with ``z_loss``
     reduced like the loss and ``accuracy`` a scalar (empty tensors when not computed)."""
 
-    def reduce(v: Tensor) -> Tensor:
+    def reduce(v: Tensor, dtype: torch.dtype) -> Tensor:
         if spec.reduction == "none":
-            return v
+            return v.to(dtype)
+        mean_scale = scale if spec.reduction == "mean" else None
+        if spec.impl == "triton":
+            return _ce_reduce_op(v, mean_scale, dtype)
         total = v.sum()
-        if spec.reduction == "sum":
-            return total
+        if mean_scale is None:
+            return total.to(dtype)
         # A zero scale (nothing counts) gives +0, never -0 from a negative sum.
-        return torch.where(scale[0] != 0, total * scale[0], 0.0)
+        return torch.where(scale[0] != 0, total * scale[0], 0.0).to(dtype)
 
-    loss = reduce(rows.loss).to(out_dtype)
-    z_loss = reduce(rows.z_loss) if spec.has_z_loss else rows.z_loss
+    loss = reduce(rows.loss, out_dtype)
+    z_loss = reduce(rows.z_loss, rows.z_loss.dtype) if spec.has_z_loss else rows.z_loss
     accuracy = rows.correct
     if spec.return_stats:
         counted = (target != spec.ignore_index).sum(dtype=rows.correct.dtype)

@@ -150,15 +150,16 @@ def ce_fwd(
     in_place, scratch, z_scratch = _buffers(grad, spec, acc, n_rows, n_cols, chunk_elements,
                                            device)
     w_sum = weight_sum if weight is not None else float(n_classes)
-    start = vocab.start if vocab is not None else 0
+    # Per-row target facts, once for all rows (few operations per chunk keep small shapes fast):
+    # the target's column here (0 where this slice does not hold it), as a (rows, 1) index.
+    ignored_all = target == spec.ignore_index
+    local_all = torch.where(ignored_all, 0, target - (vocab.start if vocab is not None else 0))
+    owned_all = (local_all >= 0) & (local_all < n_cols) & ~ignored_all
+    local_all = torch.where(owned_all, local_all, 0).unsqueeze(1)
     for r0, r1 in _chunks(n_rows, n_cols, chunk_elements):
         x = logits[r0:r1].to(acc)  # a view in the accumulation dtype, a cache-sized copy else
-        t = target[r0:r1]
-        ignored = t == spec.ignore_index
-        # The target's column here (0 where this slice does not hold it), as a (rows, 1) index.
-        local = torch.where(ignored, 0, t - start)
-        owned = (local >= 0) & (local < n_cols) & ~ignored
-        local = torch.where(owned, local, 0).unsqueeze(1)
+        t, ignored = target[r0:r1], ignored_all[r0:r1]
+        local, owned = local_all[r0:r1], owned_all[r0:r1]
         buf = grad[r0:r1] if in_place else scratch[: r1 - r0]
 
         # 1. What is needed of the logits before buf (which may be x itself) is overwritten: the
@@ -169,10 +170,12 @@ def ce_fwd(
         ref = _row_anchor(x[:, 0], spec) if spec.has_smoothing and vocab is None else None
         z = _transformed(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
 
-        # 2. log d (d = sum exp(z - m)), the smoothing sum, and the probabilities into buf.
+        # 2. nll = lse - z_t and lse (relative to the row max), the smoothing sum, and the
+        #    probabilities into buf.
         if merged is None:
-            m, log_d, sz, smooth, first = _statistics(z, ref, buf, spec, weight, w_sum,
-                                                      grad is not None)
+            nll, lse, m, log_d, sz, smooth, first = _statistics(
+                z, z_t, local, ref, buf, spec, weight, w_sum, grad is not None,
+                stats_out is not None)
         else:
             # Row statistics merged elsewhere (vocabulary parallelism, recomputing backward).
             m, d, sz, first = (v[r0:r1] if v is not None else None for v in merged)
@@ -180,9 +183,9 @@ def ce_fwd(
             if vocab is not None:
                 ref = m  # the merged weighted sum is relative to the merged max
             smooth = w_sum * (log_d + (m - ref)) - sz if eps > 0.0 else None
+            nll, lse = (m - z_t) + log_d, m + log_d
             if grad is not None:
                 torch.sub(z, m.unsqueeze(1), out=buf).sub_(log_d.unsqueeze(1)).exp_()  # p
-        lse = m + log_d
         if stats_out is not None:
             _store_stats(stats_out, r0, r1, ignored, m, log_d, sz)
         if spec.return_stats:
@@ -191,7 +194,7 @@ def ce_fwd(
         # 3. The loss, relative to the row max.
         w_t = 1.0 if weight is None else (vocab.target_weight[r0:r1].to(acc) if vocab is not None
                                           else weight[local.squeeze(1)])
-        _store_loss(out, r0, r1, spec, ignored, w_t, m, z_t, log_d, lse, smooth, n_classes)
+        _store_loss(out, r0, r1, spec, w_t, nll, lse, smooth, n_classes)
 
         # 4. The gradient: scale * (a * p - b * onehot(t) - s * w) * dz/dx, zero when ignored.
         if grad is None:
@@ -200,6 +203,9 @@ def ce_fwd(
                         scale if scale.numel() == 1 else scale[r0:r1], lse)
         if not in_place:
             grad[r0:r1].copy_(buf)
+    for rows in out[:3]:
+        if rows.numel():
+            rows.masked_fill_(ignored_all, 0.0)  # exact zeros for ignored rows, even for NaN
     return out
 
 
@@ -219,22 +225,28 @@ def _buffers(grad: Tensor | None, spec: LossSpec, acc: torch.dtype, n_rows: int,
             chunk() if spec.has_scale or spec.has_softcap else None)
 
 
-def _statistics(z: Tensor, ref: Tensor | None, buf: Tensor, spec: LossSpec,
-                weight: Tensor | None, w_sum, compute_grad: bool):
-    """(m, log d, smoothing sum relative to ``ref``, smoothing term, first argmax) of a chunk of
-    transformed logits ``z``; with ``compute_grad`` the probabilities are left in ``buf``."""
-    m = z.amax(dim=1)
+def _statistics(z: Tensor, z_t: Tensor, local: Tensor, ref: Tensor | None, buf: Tensor,
+                spec: LossSpec, weight: Tensor | None, w_sum, compute_grad: bool,
+                need_max: bool):
+    """(nll, lse, m, log d, smoothing sum relative to ``ref``, smoothing term, first argmax) of
+    a chunk of transformed logits ``z``, with ``nll = lse - z_t`` formed relative to the row max;
+    with ``compute_grad`` the probabilities are left in ``buf``.  ``m`` and ``log d`` (and the
+    smoothing sum) are None in the loss-only pass unless ``need_max``."""
     first = z.argmax(dim=1) if spec.return_stats else None
-    sz = smooth = None
+    m = log_d = sz = smooth = None
     if not compute_grad:
-        # The loss alone: one fused log-softmax pass, whose max is -log d and whose entries are
-        # exact to rounding (computed relative to the max by PyTorch).
+        # The loss alone: one fused log-softmax pass (computed relative to the max by PyTorch):
+        # nll = -log_softmax(z)_t exactly, and the smoothing term -sum_c w_c log_softmax(z)_c.
         torch._log_softmax(z, 1, False, out=buf)
-        log_d = -buf.amax(dim=1)
+        nll = -buf.gather(1, local).squeeze(1)
         if spec.has_smoothing:
             smooth = -_weighted_row_sum(buf, weight)  # sum_c w_c * (lse - z_c)
-            sz = w_sum * (log_d + (m - ref)) - smooth
-        return m, log_d, sz, smooth, first
+        if need_max:
+            m, log_d = z.amax(dim=1), -buf.amax(dim=1)
+            if spec.has_smoothing:
+                sz = w_sum * (log_d + (m - ref)) - smooth
+        return nll, z_t + nll, m, log_d, sz, smooth, first
+    m = z.amax(dim=1)
     z_soft = z
     if spec.has_smoothing:
         sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
@@ -244,7 +256,7 @@ def _statistics(z: Tensor, ref: Tensor | None, buf: Tensor, spec: LossSpec,
     log_d = -buf.amax(dim=1).log()
     if spec.has_smoothing:
         smooth = w_sum * (log_d + (m - ref)) - sz
-    return m, log_d, sz, smooth, first
+    return (m - z_t) + log_d, m + log_d, m, log_d, sz, smooth, first
 
 
 def _store_stats(stats_out: Tensor, r0: int, r1: int, ignored: Tensor, m, log_d,
@@ -255,19 +267,19 @@ def _store_stats(stats_out: Tensor, r0: int, r1: int, ignored: Tensor, m, log_d,
     stats_out[2, r0:r1, 0] = torch.where(ignored, 0.0, sz) if sz is not None else 0.0
 
 
-def _store_loss(out: RowResults, r0: int, r1: int, spec: LossSpec, ignored: Tensor, w_t, m,
-                z_t, log_d, lse, smooth, n_classes: int) -> None:
-    """Rows r0:r1 of the loss (relative to the row max), z-loss and lse."""
+def _store_loss(out: RowResults, r0: int, r1: int, spec: LossSpec, w_t, nll, lse, smooth,
+                n_classes: int) -> None:
+    """Rows r0:r1 of the loss (from ``nll = lse - z_t``), z-loss and lse."""
     eps = float(spec.label_smoothing)
-    row_loss = (1.0 - eps) * w_t * ((m - z_t) + log_d)
+    row_loss = nll if eps == 0.0 and not isinstance(w_t, Tensor) else (1.0 - eps) * w_t * nll
     if smooth is not None:
         row_loss = row_loss + eps / n_classes * smooth
     if spec.has_z_loss:
-        row_z = torch.where(ignored, 0.0, spec.lse_square_scale * w_t * lse * lse)
+        row_z = spec.lse_square_scale * w_t * lse * lse
         out.z_loss[r0:r1] = row_z
         row_loss = row_loss + row_z
-    out.loss[r0:r1] = torch.where(ignored, 0.0, row_loss)
-    out.lse[r0:r1] = torch.where(ignored, 0.0, lse)
+    out.loss[r0:r1] = row_loss  # ignored rows are zeroed once, after the last chunk
+    out.lse[r0:r1] = lse
 
 
 def _gradient_chunk(buf: Tensor, z: Tensor, spec: LossSpec, ignored: Tensor, owned: Tensor,

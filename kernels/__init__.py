@@ -18,7 +18,9 @@ else:
         LaunchConfig,
         ce_bwd,
         ce_fwd,
+        ce_reduce,
         ce_row_stats,
+        ce_scale,
         launch_config,
     )
 
@@ -27,6 +29,8 @@ else:
         "LaunchConfig",
         "ce_bwd",
         "ce_fwd",
+        "ce_reduce",
         "ce_row_stats",
+        "ce_scale",
         "launch_config",
     ]

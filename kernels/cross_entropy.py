@@ -18,7 +18,13 @@ import torch
 import triton
 
 from ..spec import LossSpec, RowResults, RowStats, VocabSlice
-from .cross_entropy_kernels import ce_bwd_kernel, ce_fwd_kernel, ce_stats_kernel
+from .cross_entropy_kernels import (
+    ce_bwd_kernel,
+    ce_fwd_kernel,
+    ce_reduce_kernel,
+    ce_scale_kernel,
+    ce_stats_kernel,
+)
 
 # The interpreter (TRITON_INTERPRET=1) is chosen by Triton when a kernel is decorated, that is
 # when this module is imported; record it so the dispatcher can tell whether CPU tensors can be
@@ -272,4 +278,43 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
     )
 
 
-__all__ = ["INTERPRETED", "LaunchConfig", "ce_bwd", "ce_fwd", "ce_row_stats", "launch_config"]
+def ce_scale(target: torch.Tensor, weight: torch.Tensor | None, items: torch.Tensor | None,
+             spec: LossSpec, n_classes: int) -> torch.Tensor:
+    """The (1,) float32 scale of a ``mean`` in one launch: 1 / the counted targets' number or
+    class weight (0 when that is 0), or 1 / ``items`` (a one-element tensor)."""
+    scale = torch.empty(1, dtype=torch.float32, device=target.device)
+    ce_scale_kernel[(1,)](
+        target_ptr=target,
+        weight_ptr=weight if weight is not None else scale,
+        items_ptr=items if items is not None else scale,
+        scale_ptr=scale,
+        n_rows=target.numel(),
+        n_cols=n_classes,
+        ignore_index=spec.ignore_index,
+        BLOCK_SIZE=1024,
+        HAS_WEIGHT=weight is not None,
+        HAS_ITEMS=items is not None,
+        num_warps=4,
+    )
+    return scale
+
+
+def ce_reduce(rows: torch.Tensor, scale: torch.Tensor | None, out_dtype: torch.dtype
+              ) -> torch.Tensor:
+    """sum(rows), times ``scale`` when given (+0 when it is 0), as a scalar of ``out_dtype``,
+    in one launch and a fixed order."""
+    out = torch.empty((), dtype=out_dtype, device=rows.device)
+    ce_reduce_kernel[(1,)](
+        rows_ptr=rows,
+        scale_ptr=scale if scale is not None else rows,
+        out_ptr=out,
+        n_rows=rows.numel(),
+        BLOCK_SIZE=1024,
+        MEAN=scale is not None,
+        num_warps=4,
+    )
+    return out
+
+
+__all__ = ["INTERPRETED", "LaunchConfig", "ce_bwd", "ce_fwd", "ce_reduce", "ce_row_stats",
+           "ce_scale", "launch_config"]

@@ -551,3 +551,71 @@ def ce_bwd_kernel(
                 mask = offs < n_cols
                 g = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(row_ptr + offs, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_scale_kernel(
+    target_ptr,
+    weight_ptr,
+    items_ptr,
+    scale_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    BLOCK_SIZE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_ITEMS: tl.constexpr,
+):
+    """The reduction scale of ``mean`` in one program: 1 / (the number, or the class weight, of
+    the counted targets), 0 when that is 0; or 1 / num_items_in_batch.
+
+    Args:
+        target_ptr: (n_rows,) int64 class ids.
+        weight_ptr: (n_cols,) fp32 class weights, read when HAS_WEIGHT.
+        items_ptr: one number of any dtype (num_items_in_batch), read when HAS_ITEMS.
+        scale_ptr: (1,) fp32 out.
+        BLOCK_SIZE: rows per load; the sum runs in a fixed order (bitwise reproducible).
+    """
+    if HAS_ITEMS:
+        tl.store(scale_ptr, 1.0 / tl.load(items_ptr).to(tl.float32))
+    else:
+        acc = tl.zeros([BLOCK_SIZE], tl.float32)
+        for start in range(0, n_rows, BLOCK_SIZE):
+            offs = start + tl.arange(0, BLOCK_SIZE)
+            t = tl.load(target_ptr + offs, mask=offs < n_rows, other=ignore_index).to(tl.int64)
+            counted = t != ignore_index
+            if HAS_WEIGHT:
+                safe = tl.minimum(tl.maximum(t, 0), n_cols - 1)
+                acc += tl.where(counted, tl.load(weight_ptr + safe, mask=counted, other=0.0),
+                                0.0)
+            else:
+                acc += tl.where(counted, 1.0, 0.0)
+        denom = tl.sum(acc, axis=0)
+        tl.store(scale_ptr, tl.where(denom != 0.0, 1.0 / denom, 0.0))
+
+
+@triton.jit
+def ce_reduce_kernel(
+    rows_ptr,
+    scale_ptr,
+    out_ptr,
+    n_rows,
+    BLOCK_SIZE: tl.constexpr,
+    MEAN: tl.constexpr,
+):
+    """out = sum(rows) (times the scale for ``mean``, +0 when the scale is 0), in out's dtype,
+    in one program and a fixed order (bitwise reproducible).
+
+    Args:
+        rows_ptr: (n_rows,) fp32 per-row values; scale_ptr: (1,) fp32, read when MEAN;
+        out_ptr: () the reduced value, any float dtype.
+    """
+    acc = tl.zeros([BLOCK_SIZE], tl.float32)
+    for start in range(0, n_rows, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        acc += tl.load(rows_ptr + offs, mask=offs < n_rows, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        scale = tl.load(scale_ptr)
+        total = tl.where(scale != 0.0, total * scale, 0.0)
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))

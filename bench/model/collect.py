@@ -67,11 +67,14 @@ def collect_traffic() -> dict:
             _plan_for_headline({"block_size": TRAFFIC_BLOCK,
                                 "n_splits": 3 if workload.few_rows else 1})
             x, target = make_inputs(workload, rows, TRAFFIC_COLS, dtype, generator)
-            probe = count_step(lambda: workload.step(x, target), rows * TRAFFIC_COLS // 2)
+            go = workload.grad_output(rows, dtype)
+            probe = count_step(lambda: workload.step(x, target, go), rows * TRAFFIC_COLS // 2)
             out["cases"].append({
                 "workload": workload.name, "dtype": dtype_name, "rows": rows,
                 "cols": TRAFFIC_COLS,
-                "launches": [dataclasses.asdict(launch) | {"big_args": sorted(launch.big_args)}
+                "launches": [{"kernel": launch.kernel, "grid": list(launch.grid),
+                              "loads": dict(launch.loads), "stores": dict(launch.stores),
+                              "reads": dict(launch.reads), "big_args": sorted(launch.big_args)}
                              for launch in probe.launches],
                 "torch_ops": dict(probe.ops), "logits_sized_torch_ops": probe.big_ops,
                 "host_syncs": probe.syncs,
@@ -86,7 +89,8 @@ def _install_recorders(launches: list) -> None:
 
     from .code import Recorder
 
-    for name in ("ce_fwd_kernel", "ce_stats_kernel", "ce_bwd_kernel"):
+    for name in ("ce_fwd_kernel", "ce_stats_kernel", "ce_bwd_kernel", "ce_scale_kernel",
+                 "ce_reduce_kernel"):
         setattr(ce, name, Recorder(getattr(ce, name), launches))
     if liger_available() is None:
         import liger_kernel.ops.cross_entropy as lce
@@ -117,7 +121,7 @@ def collect_code() -> dict:
                 else:
                     x = torch.empty(rows, vocab // 2, dtype=dtype)
                 target = torch.zeros(rows, dtype=torch.long)
-                workload.step(x, target)
+                workload.step(x, target, workload.grad_output(rows, dtype))
                 case = {"workload": workload.name, "dtype": dtype_name, "vocab": vocab,
                         "rows": rows, "launches": []}
                 for fn, grid, args, kwargs in launches:

@@ -26,7 +26,8 @@ class Workload:
     contender: str  # "fusedce" or "liger"
     mode: str
     description: str
-    step: Callable[[Tensor, Tensor], object]  # (leaf logits, target) -> None
+    step: Callable[[Tensor, Tensor, Tensor | None], object]  # (logits, target, grad_output)
+    go: str | None = None  # grad_output: None (1, made by autograd), "scaled", "per_token"
     few_rows: bool = False  # the headline uses 64 rows (fusedce's split-vocabulary path)
     linear: bool = False  # hidden states and an LM head instead of logits
 
@@ -34,29 +35,35 @@ class Workload:
     def name(self) -> str:
         return f"{self.contender}:{self.mode}"
 
+    def grad_output(self, rows: int, dtype: torch.dtype) -> Tensor | None:
+        """The backward's grad_output, made before the step (not counted as the step's)."""
+        if self.go == "scaled":
+            return torch.tensor(SCALE, dtype=dtype)
+        if self.go == "per_token":
+            return torch.linspace(0.5, 1.5, rows, dtype=dtype)
+        return None
+
 
 def _ce(x, t, **kw):
     return fusedce.cross_entropy(_Activation.apply(x), t, impl="triton", **kw)
 
 
-def _fwd(x, t):
+def _fwd(x, t, go):
     with torch.no_grad():
         fusedce.cross_entropy(x, t, impl="triton")
 
 
-def _fwd_bwd(go: float | None, **kw):
-    def step(x, t):
-        loss = _ce(x, t, **kw)
-        loss.backward(None if go is None else torch.tensor(go, dtype=loss.dtype))
+def _fwd_bwd(**kw):
+    def step(x, t, go):
+        _ce(x, t, **kw).backward(go)
     return step
 
 
-def _none_bwd(x, t):
-    loss = _ce(x, t, reduction="none")
-    loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype))
+def _none_bwd(x, t, go):
+    _ce(x, t, reduction="none").backward(go)
 
 
-def _vocab_parallel(x, t):
+def _vocab_parallel(x, t, go):
     """One rank's launches of the vocabulary-parallel loss (the collectives aside): its slice's
     statistics, then its loss and gradient pass from the merged statistics."""
     from fusedce.kernels import ce_fwd, ce_row_stats
@@ -72,51 +79,49 @@ def _vocab_parallel(x, t):
     ce_fwd(x, t, None, None, torch.ones(1), spec, grad, row_stats=merged, vocab=vocab)
 
 
-def _linear(x, t):
+def _linear(x, t, go):
     """Hidden states (rows, 256) and an LM head (cols, 256): the chunked pass."""
     hidden, head = x
     loss = fusedce.linear_cross_entropy(hidden, head, t, impl="triton")
     loss.backward()
 
 
-def _liger(go: float | None, reduction: str = "mean"):
-    def step(x, t):
+def _liger(backward: bool, reduction: str = "mean"):
+    def step(x, t, go):
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
 
-        logits = _Activation.apply(x)
-        if go is None and reduction == "mean":  # forward only
+        if not backward:
             with torch.no_grad():
                 LigerCrossEntropyFunction.apply(x.detach(), t, None, -100, 0.0, 0.0, "mean")
             return
+        logits = _Activation.apply(x)
         loss = LigerCrossEntropyFunction.apply(logits, t, None, -100, 0.0, 0.0, reduction)[0]
-        if reduction == "none":
-            loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype))
-        else:
-            loss.backward(torch.tensor(go, dtype=loss.dtype))
+        loss.backward(go)
     return step
 
 
 WORKLOADS = [
     Workload("fusedce", "fwd", "forward only", _fwd),
-    Workload("fusedce", "fwd_bwd", "forward + backward, grad_output 1", _fwd_bwd(None)),
-    Workload("fusedce", "fwd_bwd_scaled", "grad_output 1/8, stored backward",
-             _fwd_bwd(SCALE)),
-    Workload("fusedce", "fwd_bwd_scaled_recompute",
-             "grad_output 1/8, backward='recompute'", _fwd_bwd(SCALE, backward="recompute")),
+    Workload("fusedce", "fwd_bwd", "forward + backward, grad_output 1", _fwd_bwd()),
+    Workload("fusedce", "fwd_bwd_scaled", "grad_output 1/8, stored backward", _fwd_bwd(),
+             go="scaled"),
+    Workload("fusedce", "fwd_bwd_scaled_recompute", "grad_output 1/8, backward='recompute'",
+             _fwd_bwd(backward="recompute"), go="scaled"),
     Workload("fusedce", "none_bwd", "reduction='none', per-token grad_output (recompute)",
-             _none_bwd),
+             _none_bwd, go="per_token"),
     Workload("fusedce", "inplace", "grad_output 1, inplace_backward=True",
-             _fwd_bwd(None, inplace_backward=True)),
-    Workload("fusedce", "few_rows", "64 rows, grad_output 1 (split vocabulary)",
-             _fwd_bwd(None), few_rows=True),
+             _fwd_bwd(inplace_backward=True)),
+    Workload("fusedce", "few_rows", "64 rows, grad_output 1 (split vocabulary)", _fwd_bwd(),
+             few_rows=True),
     Workload("fusedce", "vocab_parallel", "one rank of two: statistics, then loss and gradient",
              _vocab_parallel),
     Workload("fusedce", "linear", "fused linear chunks (hidden 256), grad_output 1", _linear,
              linear=True),
-    Workload("liger", "fwd", "forward only", _liger(None)),
-    Workload("liger", "fwd_bwd", "forward + backward, grad_output 1", _liger(1.0)),
-    Workload("liger", "fwd_bwd_scaled", "grad_output 1/8", _liger(SCALE)),
-    Workload("liger", "none_bwd", "reduction='none', per-token grad_output", _liger(1.0, "none")),
+    Workload("liger", "fwd", "forward only", _liger(False)),
+    Workload("liger", "fwd_bwd", "forward + backward, grad_output 1", _liger(True)),
+    Workload("liger", "fwd_bwd_scaled", "grad_output 1/8", _liger(True), go="scaled"),
+    Workload("liger", "none_bwd", "reduction='none', per-token grad_output",
+             _liger(True, "none"), go="per_token"),
 ]
 
 
@@ -131,8 +136,7 @@ def liger_available() -> str | None:
 def make_inputs(workload: Workload, rows: int, cols: int, dtype: torch.dtype,
                 generator: torch.Generator):
     """(x, target): logits (rows, cols) requiring grad, or (hidden, head) for linear."""
-    target = torch.randint(0, cols, (rows,), generator=generator)
-    target[::7] = -100
+    target = torch.randint(0, cols, (rows,), generator=generator)  # none ignored, as in bench
     if workload.linear:
         hidden = torch.randn(rows, 256, generator=generator).to(dtype).requires_grad_()
         head = (torch.randn(cols, 256, generator=generator) * 0.05).to(dtype).requires_grad_()
