@@ -7,6 +7,7 @@ the tests and benchmarks compare both against.
 """
 
 from .autograd import CrossEntropyFunction
+from .diagnostics import LabelError, LabelReport, LossMonitor, check_labels
 from .functional import (
     CrossEntropyStats,
     cross_entropy,
@@ -24,6 +25,9 @@ __all__ = [
     "CrossEntropyFunction",
     "CrossEntropyLoss",
     "CrossEntropyStats",
+    "LabelError",
+    "LabelReport",
+    "LossMonitor",
     "LinearCrossEntropyFunction",
     "LinearCrossEntropyLoss",
     "LossSpec",
@@ -31,5 +35,6 @@ __all__ = [
     "cross_entropy_dtensor",
     "linear_cross_entropy",
     "resolve_impl",
+    "check_labels",
     "__version__",
 ]

@@ -67,14 +67,21 @@ def causal_lm_loss(
     options = {k: kwargs[k] for k in ("label_smoothing", "logit_scale", "softcap",
                                       "lse_square_scale", "impl", "inplace_backward")
                if k in kwargs}
-    return cross_entropy(
+    monitor = kwargs.get("_monitor")
+    out = cross_entropy(
         logits.reshape(-1, vocab_size),  # a view for contiguous logits
         target,
         ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch,
         out_dtype=torch.float32,
+        return_stats=monitor is not None,
         **options,
     )
+    if monitor is None:
+        return out
+    loss, stats = out
+    monitor.update(loss, stats)
+    return loss
 
 
 def _logit_options(config: Any) -> dict[str, Any]:
@@ -145,7 +152,8 @@ def _patched_loss_function(original: property) -> property:
     return property(getter, original.fset, original.fdel, original.__doc__)
 
 
-def apply(model: Any | None = None, *, fused_linear: bool = False) -> None:
+def apply(model: Any | None = None, *, fused_linear: bool = False,
+          diagnose: bool = False) -> None:
     """Make causal-LM models use ``causal_lm_loss``.
 
     Args:
@@ -160,9 +168,24 @@ def apply(model: Any | None = None, *, fused_linear: bool = False) -> None:
             ``fusedce.linear_cross_entropy`` and no logits are materialised (the output's
             ``logits`` is then None; without labels the model's own forward runs).  The model
             needs a decoder ``model.model`` and a linear ``model.lm_head``.
+        diagnose: (with a model) feed every loss the model computes, with its statistics, to
+            a ``fusedce.LossMonitor`` kept as ``model.fusedce_monitor`` (non-finite values, a
+            first loss far from ln V, a drifting log-sum-exp, empty micro-batches, a summed
+            accumulation), each finding warned once.  It reads the loss on the host each step.
     """
     if model is not None:
         model.loss_function = causal_lm_loss
+        if diagnose:
+            from ..diagnostics import LossMonitor
+
+            monitor = LossMonitor(model.config.vocab_size)
+            model.fusedce_monitor = monitor
+
+            def monitored(logits, labels, vocab_size, **kwargs):
+                return causal_lm_loss(logits, labels, vocab_size, _monitor=monitor, **kwargs)
+
+            monitored.fusedce = True
+            model.loss_function = monitored
         if fused_linear:
             if not (hasattr(model, "model") and isinstance(
                     getattr(model, "lm_head", None), torch.nn.Linear)):
@@ -188,8 +211,10 @@ def apply(model: Any | None = None, *, fused_linear: bool = False) -> None:
 def revert(model: Any | None = None) -> None:
     """Undo ``apply`` (for one model, or the process-wide patch)."""
     if model is not None:
-        if getattr(model, "_loss_function", None) is causal_lm_loss:
+        fn = model.__dict__.get("_loss_function")
+        if fn is causal_lm_loss or getattr(fn, "fusedce", False):
             del model._loss_function
+        model.__dict__.pop("fusedce_monitor", None)
         if "_fusedce_original_forward" in model.__dict__:
             model.forward = model.__dict__.pop("_fusedce_original_forward")
         return
@@ -202,7 +227,8 @@ def revert(model: Any | None = None) -> None:
 def is_applied(model: Any | None = None) -> bool:
     """Whether ``apply`` is in effect (for this model, or process-wide)."""
     if model is not None:
-        return model.loss_function is causal_lm_loss
+        fn = model.loss_function
+        return fn is causal_lm_loss or getattr(fn, "fusedce", False)
     return bool(_ORIGINAL_PROPERTY)
 
 
@@ -251,4 +277,59 @@ def build_labels(
     return labels
 
 
-__all__ = ["apply", "build_labels", "causal_lm_loss", "is_applied", "revert"]
+def _callback_base():
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # transformers missing: the class still imports, unusable
+        return object
+    return TrainerCallback
+
+
+class DiagnosticsCallback(_callback_base()):
+    """A ``transformers.TrainerCallback`` that checks the labels of the first batches with
+    ``fusedce.check_labels`` when training starts, and the logged loss of every step with a
+    ``fusedce.LossMonitor``.
+
+    Args:
+        n_batches: how many batches of the training data loader to check.
+        raise_on: ``"error"`` (default) raises ``fusedce.LabelError`` for label errors before
+            the first step; ``"warning"`` raises for warnings too; None only warns.
+        tokenizer: gives ``pad_token_id`` and ``eos_token_id`` (else the model's config does).
+    """
+
+    def __init__(self, n_batches: int = 2, raise_on: str | None = "error", tokenizer=None):
+        self.n_batches, self.raise_on, self.tokenizer = n_batches, raise_on, tokenizer
+        self.reports: list = []
+        self.monitor = None
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+        import warnings
+
+        from ..diagnostics import LossDiagnosticWarning, LossMonitor, check_labels
+
+        config = model.config
+        ids = {name: getattr(self.tokenizer, name, None) if self.tokenizer is not None
+               else getattr(config, name, None) for name in ("pad_token_id", "eos_token_id")}
+        self.monitor = LossMonitor(config.vocab_size)
+        for i, batch in enumerate(train_dataloader or []):
+            if i >= self.n_batches:
+                break
+            report = check_labels(batch["input_ids"], batch.get("labels"),
+                                  batch.get("attention_mask"), vocab_size=config.vocab_size,
+                                  **ids)
+            self.reports.append(report)
+            if self.raise_on is not None:
+                report.raise_on(self.raise_on)
+            for finding in report.findings:
+                warnings.warn(f"fusedce [{finding.code}] {finding.message}",
+                              LossDiagnosticWarning, stacklevel=2)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.monitor is not None and logs and "loss" in logs:
+            self.monitor.update(float(logs["loss"]))
+        return control
+
+
+__all__ = ["DiagnosticsCallback", "apply", "build_labels", "causal_lm_loss", "is_applied",
+           "revert"]
