@@ -233,14 +233,21 @@ class LossMonitor:
                ) -> list[Finding]:
         """Check one step; return the findings new at this step."""
         before = len(self.findings)
-        value = float(loss.detach().float().mean()) if isinstance(loss, Tensor) else float(loss)
-        lse = None
+        lse_sum = bad = 0
         if stats is not None:
+            # One read from the device for everything this step needs.
             lse = stats.lse.detach().float()
-            if counted is None:
-                counted = int((lse != 0).sum())
-        if not math.isfinite(value) or (lse is not None and not torch.isfinite(lse).all()):
-            bad = int((~torch.isfinite(lse)).sum()) if lse is not None else 0
+            loss_t = loss.detach().float().mean() if isinstance(loss, Tensor) \
+                else torch.tensor(float(loss))
+            value, lse_sum, nonzero, bad = torch.stack([
+                loss_t.to(lse.device), lse.sum(), (lse != 0).sum().float(),
+                (~torch.isfinite(lse)).sum().float()]).tolist()
+            counted = int(nonzero) if counted is None else counted
+            bad = int(bad)
+        else:
+            value = float(loss.detach().float().mean()) if isinstance(loss, Tensor) \
+                else float(loss)
+        if not math.isfinite(value) or bad:
             self._report("non_finite", "error",
                          f"step {self.steps}: loss {value} ({bad} tokens with a non-finite "
                          f"log-sum-exp): overflow in the logits or NaN from masking", bad)
@@ -250,8 +257,8 @@ class LossMonitor:
                          f"ignored): its loss is 0 and teaches nothing")
         if self.steps == 0 and math.isfinite(value) and counted != 0:
             self._first_step(value, stats)
-        if lse is not None and counted:
-            mean = float(lse.sum()) / counted
+        if stats is not None and counted and not bad:
+            mean = lse_sum / counted
             if self._first_lse is None:
                 self._first_lse = mean
             elif mean - self._first_lse > self.lse_drift * self.ln_v:
