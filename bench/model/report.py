@@ -37,28 +37,32 @@ def headline_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _all_shapes_table(data: dict) -> str:
-    head = ("| workload | dtype | tokens | vocab | GPU | HBM B/logit | instr/logit | EX2/logit | "
-            "launches | small ops | logits-sized torch ops | syncs | predicted ms | "
-            "% of copy floor |")
-    lines = [head, "|" + "---|" * 14]
-    for p in data["predictions"]:
-        lines.append(
-            f"| {p['workload']} | {p['dtype']} | {p['tokens']} | {p['vocab']} | {p['gpu']} | "
-            f"{p['hbm_bytes_per_logit']:.2f} | {p['instructions_per_logit']:.1f} | "
-            f"{p['ex2_per_logit']:.1f} | {p['kernel_launches']} | {p['small_torch_ops']} | "
-            f"{', '.join(p['logits_sized_torch_ops']) or '—'} | {p['host_syncs']} | "
-            f"{p['predicted_ms']:.3f} | {p['pct_of_copy_floor']:.0f}% |")
+def _table(head: list[str], rows: list[list]) -> str:
+    """A Markdown table: one header, one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _all_shapes_table(data: dict) -> str:
+    head = ["workload", "dtype", "tokens", "vocab", "GPU", "HBM B/logit", "instr/logit",
+            "EX2/logit", "launches", "small ops", "logits-sized torch ops", "syncs",
+            "predicted ms", "% of copy floor"]
+    return _table(head, [
+        [p["workload"], p["dtype"], p["tokens"], p["vocab"], p["gpu"],
+         f"{p['hbm_bytes_per_logit']:.2f}", f"{p['instructions_per_logit']:.1f}",
+         f"{p['ex2_per_logit']:.1f}", p["kernel_launches"], p["small_torch_ops"],
+         ", ".join(p["logits_sized_torch_ops"]) or "—", p["host_syncs"],
+         f"{p['predicted_ms']:.3f}", f"{p['pct_of_copy_floor']:.0f}%"]
+        for p in data["predictions"]])
 
 
 def _code_table(data: dict) -> str:
     """One row per distinct compiled launch at the headline shapes (H100 occupancy)."""
-    head = ("| workload | dtype | vocab | kernel | warps | registers | spills (B) | "
-            "programs/SM | rows in flight (MB) | L2 hit | loops: instr/elem, EX2/elem | "
-            "loads | stores |")
-    lines = [head, "|" + "---|" * 13]
-    seen = set()
+    head = ["workload", "dtype", "vocab", "kernel", "warps", "registers", "spills (B)",
+            "programs/SM", "rows in flight (MB)", "L2 hit", "loops: instr/elem, EX2/elem",
+            "loads", "stores"]
+    rows, seen = [], set()
     for p in data["predictions"]:
         if p["gpu"] != data["meta"]["gpus"][0]["name"] or p["tokens"] not in (64, 8192):
             continue
@@ -67,23 +71,22 @@ def _code_table(data: dict) -> str:
             if key in seen:
                 continue
             seen.add(key)
-            loops = "; ".join(f"{lp['instructions']:.1f}, {lp['ex2']:.2f}"
-                              for lp in launch["loops"]) or "—"
-            loads = ", ".join(sorted({w for lp in launch["loops"] for w in lp["loads"]})) or "—"
-            stores = ", ".join(sorted({w for lp in launch["loops"] for w in lp["stores"]})) or "—"
-            lines.append(
-                f"| {p['workload']} | {p['dtype']} | {p['vocab']} | {launch['kernel']} | "
-                f"{launch['num_warps']} | {launch['registers']} | {launch['spill_bytes']} | "
-                f"{launch['programs_per_sm']} | {launch['in_flight_mb']} | {launch['l2_hit']} | "
-                f"{loops} | {loads} | {stores} |")
-    return "\n".join(lines) + "\n"
+            loops = launch["loops"]
+            rows.append([p["workload"], p["dtype"], p["vocab"], launch["kernel"],
+                         launch["num_warps"], launch["registers"], launch["spill_bytes"],
+                         launch["programs_per_sm"], launch["in_flight_mb"], launch["l2_hit"],
+                         "; ".join(f"{lp['instructions']:.1f}, {lp['ex2']:.2f}"
+                                   for lp in loops) or "—",
+                         ", ".join(sorted({w for lp in loops for w in lp["loads"]})) or "—",
+                         ", ".join(sorted({w for lp in loops for w in lp["stores"]})) or "—"])
+    return _table(head, rows)
 
 
 def _traffic_table(data: dict) -> str:
     """Bytes per logit counted in the interpreter, by launch and class."""
-    head = ("| workload | dtype | launch | first read | same-program re-read | "
-            "later-launch re-read | write | small bytes/row |")
-    lines = [head, "|" + "---|" * 8]
+    head = ["workload", "dtype", "launch", "first read", "same-program re-read",
+            "later-launch re-read", "write", "small bytes/row"]
+    rows = []
     for case in data["traffic"]:
         n = case["rows"] * case["cols"]
         for launch in case["launches"]:
@@ -92,12 +95,11 @@ def _traffic_table(data: dict) -> str:
             small = (sum(launch["loads"].values()) + sum(launch["stores"].values())
                      - sum(v for k, v in launch["loads"].items() if k in big) - stores)
             r = launch["reads"]
-            lines.append(
-                f"| {case['workload']} | {case['dtype']} | {launch['kernel']} | "
-                f"{r.get('first', 0) / n:.2f} | {r.get('same_program', 0) / n:.2f} | "
-                f"{r.get('later_launch', 0) / n:.2f} | {stores / n:.2f} | "
-                f"{small / case['rows']:.0f} |")
-    return "\n".join(lines) + "\n"
+            rows.append([case["workload"], case["dtype"], launch["kernel"],
+                         f"{r.get('first', 0) / n:.2f}", f"{r.get('same_program', 0) / n:.2f}",
+                         f"{r.get('later_launch', 0) / n:.2f}", f"{stores / n:.2f}",
+                         f"{small / case['rows']:.0f}"])
+    return _table(head, rows)
 
 
 def markdown(data: dict) -> str:
