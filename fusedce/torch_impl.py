@@ -184,7 +184,9 @@ def ce_fwd(
                 ref = m  # the merged weighted sum is relative to the merged max
             smooth = w_sum * (log_d + (m - ref)) - sz if eps > 0.0 else None
             nll, lse = (m - z_t) + log_d, m + log_d
-            if grad is not None:
+            if grad is not None and vocab is None:
+                torch._softmax(z, 1, False, out=buf)  # p, in one fused pass (whole rows here)
+            elif grad is not None:
                 torch.sub(z, m.unsqueeze(1), out=buf).sub_(log_d.unsqueeze(1)).exp_()  # p
         if stats_out is not None:
             _store_stats(stats_out, r0, r1, ignored, m, log_d, sz)
