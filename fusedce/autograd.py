@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .passes import forward_pass, reduce_rows, reduction_scale, scale_grad_
-from .spec import LossSpec, accumulation_dtype
+from .spec import LossSpec
 
 
 def refuse_double_backward(name: str) -> None:
@@ -30,11 +30,6 @@ def refuse_double_backward(name: str) -> None:
             "penalty or a Hessian-vector product): its backward is first-order only.  Compute "
             "that loss with torch.nn.functional.cross_entropy instead."
         )
-
-
-def math_dtype(logits: Tensor, spec: LossSpec) -> torch.dtype:
-    """The dtype of the per-row results and of the reduction scale."""
-    return torch.float32 if spec.impl == "triton" else accumulation_dtype(logits.dtype)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -71,7 +66,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, target: Tensor, weight: Tensor | None,
                 num_items_in_batch, spec: LossSpec):
         compute_grad = ctx.needs_input_grad[0]
-        dtype = math_dtype(input, spec)
+        dtype = spec.math_dtype(input.dtype)
         scale = reduction_scale(target, weight, spec, input.shape[1], num_items_in_batch, dtype)
         recompute = compute_grad and spec.recompute_backward
         rows, stats, grad = forward_pass(input, target, weight, scale, spec,
@@ -124,4 +119,4 @@ def _recomputed_grad(ctx, grad_output: Tensor) -> Tensor:
     return grad.detach()
 
 
-__all__ = ["CrossEntropyFunction", "math_dtype", "refuse_double_backward"]
+__all__ = ["CrossEntropyFunction", "refuse_double_backward"]

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import torch_impl
-from .autograd import math_dtype, refuse_double_backward
+from .autograd import refuse_double_backward
 from .passes import reduce_rows, reduction_scale, row_stats, run_pass, scale_grad_
 from .spec import LossSpec, RowStats, VocabSlice
 
@@ -91,12 +91,7 @@ def vocab_layout(group, n_local: int, n_rows: int, dtype: torch.dtype,
 
 
 def _transform(x: Tensor, spec: LossSpec) -> Tensor:
-    z = x.to(math_dtype(x, spec))
-    if spec.has_scale:
-        z = z * spec.logit_scale
-    if spec.has_softcap:
-        z = spec.softcap * torch.tanh(z / spec.softcap)
-    return z
+    return torch_impl.transform_logits(x.to(spec.math_dtype(x.dtype)), spec)
 
 
 def _merged_stats(input: Tensor, target: Tensor, w_local: Tensor | None, spec: LossSpec,
@@ -112,8 +107,7 @@ def _merged_stats(input: Tensor, target: Tensor, w_local: Tensor | None, spec: L
     if spec.has_smoothing:
         # The partials' weighted sums are relative to this rank's anchor logit (its first
         # column, when finite); move them to the global max once it is known (below).
-        z0 = _transform(input[:, 0], spec)
-        ref = torch.where(torch.isfinite(z0), z0, 0.0)
+        ref = torch_impl.row_anchor(input[:, 0].to(spec.math_dtype(input.dtype)), spec)
         w_total = w_local.sum() if w_local is not None else float(n_local)
     local_t = target - start
     owned = (local_t >= 0) & (local_t < n_local) & (target != spec.ignore_index)
@@ -173,7 +167,7 @@ def vocab_parallel_forward(
 
     # 5. Loss and this slice's gradient.
     scale = reduction_scale(target, weight, spec, n_classes, num_items_in_batch,
-                            math_dtype(input, spec))
+                            spec.math_dtype(input.dtype))
     grad = None
     if compute_grad:
         grad = input.detach() if spec.inplace_backward else torch.empty(

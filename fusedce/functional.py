@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks, distributed, linear
-from .autograd import CrossEntropyFunction, math_dtype
+from .autograd import CrossEntropyFunction
 from .checks import resolve_impl
 from .passes import forward_pass, reduce_rows, reduction_scale
 from .spec import LossSpec
@@ -183,7 +183,7 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, num_ite
         checks.check_inplace_target(input, logits)
     flat_target = target.reshape(-1).to(torch.int64)
     if weight is not None:
-        weight = weight.detach().to(math_dtype(logits, spec)).contiguous()
+        weight = weight.detach().to(spec.math_dtype(logits.dtype)).contiguous()
     if process_group is not None:
         outputs = distributed.vocab_parallel_cross_entropy(
             logits, flat_target, weight, num_items, spec, process_group, wants_grad)
@@ -191,7 +191,7 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, num_ite
         outputs = CrossEntropyFunction.apply(logits, flat_target, weight, num_items, spec)
     else:
         scale = reduction_scale(flat_target, weight, spec, n_classes, num_items,
-                                math_dtype(logits, spec))
+                                spec.math_dtype(logits.dtype))
         rows, _, _ = forward_pass(logits, flat_target, weight, scale, spec, compute_grad=False)
         outputs = reduce_rows(rows, flat_target, spec, scale, spec.out_dtype or logits.dtype)
     return _finish(outputs, spec, target.shape)
@@ -291,7 +291,7 @@ def linear_cross_entropy(
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight is not None:
-        weight = weight.detach().to(math_dtype(x, spec)).contiguous()
+        weight = weight.detach().to(spec.math_dtype(x.dtype)).contiguous()
     outputs = linear.linear_cross_entropy_outputs(
         x, linear_weight, target.reshape(-1).to(torch.int64), linear_bias, weight, num_items,
         spec, chunk_size)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .autograd import math_dtype, refuse_double_backward
+from .autograd import refuse_double_backward
 from .passes import reduce_rows, reduction_scale, run_pass
 from .spec import LossSpec, RowResults, accumulation_dtype
 
@@ -174,7 +174,7 @@ def _linear_ce_pass_op(
 @_linear_ce_pass_op.register_fake
 def _(x, w, b, target, weight, scale, spec, chunk_size, need_x, need_w, need_b):
     options = LossSpec.decode(spec)
-    n, acc = x.shape[0], math_dtype(x, options)
+    n, acc = x.shape[0], options.math_dtype(x.dtype)
     return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
             x.new_empty(n if options.has_z_loss else 0, dtype=acc),
             x.new_empty(n if options.return_stats else 0, dtype=acc),
@@ -209,7 +209,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 linear_bias is not None and ctx.needs_input_grad[2])
         scale = reduction_scale(target, weight, spec, linear_weight.shape[0],
-                                num_items_in_batch, math_dtype(input, spec))
+                                num_items_in_batch, spec.math_dtype(input.dtype))
         deferred = spec.recompute_backward and any(need)
         *rows, gx, gw, gb = _linear_ce_pass_op(
             input, linear_weight, linear_bias, target, weight, scale, spec.encode(), chunk_size,
@@ -273,7 +273,7 @@ def linear_cross_entropy_outputs(
         return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target,
                                                 weight, num_items_in_batch, spec, chunk_size)
     scale = reduction_scale(target, weight, spec, linear_weight.shape[0], num_items_in_batch,
-                            math_dtype(input, spec))
+                            spec.math_dtype(input.dtype))
     *rows, _, _, _ = _linear_ce_pass_op(input, linear_weight, linear_bias, target, weight, scale,
                                         spec.encode(), chunk_size, False, False, False)
     return reduce_rows(RowResults(*rows), target, spec, scale, spec.out_dtype or input.dtype)

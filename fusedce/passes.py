@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
-from .spec import LossSpec, RowResults, RowStats, accumulation_dtype
+from .spec import LossSpec, RowResults, RowStats
 
 
 def run_pass(logits: Tensor, target: Tensor, weight: Tensor | None, scale: Tensor | None,
@@ -58,7 +58,7 @@ def _ce_forward_op(
     """One pass: per-row (loss, lse, z_loss, correct), each row's statistics (3, N, 1) when
     ``store_stats``, and a new gradient when ``compute_grad`` (empty tensors otherwise)."""
     options = LossSpec.decode(spec)
-    acc = torch.float32 if options.impl == "triton" else accumulation_dtype(logits.dtype)
+    acc = options.math_dtype(logits.dtype)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
         if compute_grad else None
     stats_out = torch.empty(3, logits.shape[0], 1, dtype=acc, device=logits.device) \
@@ -72,7 +72,7 @@ def _ce_forward_op(
 
 def _fake_rows(logits: Tensor, spec: LossSpec) -> list[Tensor]:
     n = logits.shape[0]
-    acc = torch.float32 if spec.impl == "triton" else accumulation_dtype(logits.dtype)
+    acc = spec.math_dtype(logits.dtype)
     return [logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc),
             logits.new_empty(n if spec.has_z_loss else 0, dtype=acc),
             logits.new_empty(n if spec.return_stats else 0, dtype=acc)]

@@ -93,6 +93,11 @@ class LossSpec:
             return self.reduction == "none"
         return self.backward == "recompute"
 
+    def math_dtype(self, logits_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the per-row results and the reduction scale for logits of
+        ``logits_dtype``: float32 for the kernels, ``accumulation_dtype`` for PyTorch."""
+        return torch.float32 if self.impl == "triton" else accumulation_dtype(logits_dtype)
+
     def replace(self, **changes) -> LossSpec:
         return dataclasses.replace(self, **changes)
 
@@ -150,7 +155,7 @@ class RowStats(NamedTuple):
 
     ``partials`` is (3, N, P) in the accumulation dtype: each partial's max ``m_k``, its sum of
     ``exp(z - m_k)``, and, with label smoothing, its sum of ``w * (z - ref)`` where ``ref`` is the
-    row's anchor logit (``row_anchor``), so that partials of large logits add up without
+    row's anchor logit (``torch_impl.row_anchor``), so that partials of large logits add up without
     cancellation.  Ignored rows give (most negative finite, 0, 0).  ``argmax`` is (N, P) int32,
     the first column (global id) reaching ``m_k``, or an empty tensor without statistics.
     """

@@ -37,7 +37,7 @@ def check_targets(target: Tensor, n_classes: int, ignore_index: int) -> None:
         )
 
 
-def _transformed(x: Tensor, spec: LossSpec, out: Tensor | None) -> Tensor:
+def transform_logits(x: Tensor, spec: LossSpec, out: Tensor | None = None) -> Tensor:
     """z = softcap * tanh(logit_scale * x / softcap), into ``out`` when there is a transform."""
     if not (spec.has_scale or spec.has_softcap):
         return x
@@ -47,10 +47,10 @@ def _transformed(x: Tensor, spec: LossSpec, out: Tensor | None) -> Tensor:
     return z
 
 
-def _row_anchor(x0: Tensor, spec: LossSpec) -> Tensor:
+def row_anchor(x0: Tensor, spec: LossSpec) -> Tensor:
     """Each row's anchor logit for the smoothing sum: its first transformed logit when
     finite, else 0 (the kernels' ``_row_anchor``)."""
-    z0 = _transformed(x0, spec, None)
+    z0 = transform_logits(x0, spec, None)
     return torch.where(torch.isfinite(z0), z0, 0.0)
 
 
@@ -86,14 +86,14 @@ def row_stats(
     for r0, r1 in _chunks(n_rows, n_cols, chunk_elements):
         ignored = target[r0:r1] == spec.ignore_index
         x = logits[r0:r1].to(acc)
-        z = _transformed(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
+        z = transform_logits(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
         buf = scratch[: r1 - r0]
         m = z.amax(dim=1)
         if spec.return_stats:
             argmax[r0:r1, 0] = torch.where(ignored, _INT32_MAX, z.argmax(dim=1).to(torch.int32))
         sz = torch.zeros_like(m)
         if spec.has_smoothing:
-            ref = _row_anchor(x[:, 0], spec)
+            ref = row_anchor(x[:, 0], spec)
             sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
         d = torch.sub(z, m.unsqueeze(1), out=buf).exp_().sum(dim=1)
         partials[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
@@ -166,9 +166,9 @@ def ce_fwd(
         #    target logit and the anchor logit (transformed alone), the transformed chunk z,
         #    its max m, first argmax.
         z_t = (vocab.target_logit[r0:r1].to(acc) if vocab is not None
-               else _transformed(x.gather(1, local).squeeze(1), spec, None))
-        ref = _row_anchor(x[:, 0], spec) if spec.has_smoothing and vocab is None else None
-        z = _transformed(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
+               else transform_logits(x.gather(1, local).squeeze(1), spec, None))
+        ref = row_anchor(x[:, 0], spec) if spec.has_smoothing and vocab is None else None
+        z = transform_logits(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
 
         # 2. nll = lse - z_t and lse (relative to the row max), the smoothing sum, and the
         #    probabilities into buf.
@@ -318,4 +318,5 @@ def ce_bwd(grad: Tensor, grad_output: Tensor) -> None:
     grad.mul_(factor)
 
 
-__all__ = ["CHUNK_ELEMENTS", "ce_bwd", "ce_fwd", "check_targets", "row_stats"]
+__all__ = ["CHUNK_ELEMENTS", "ce_bwd", "ce_fwd", "check_targets", "row_anchor", "row_stats",
+           "transform_logits"]
