@@ -132,3 +132,38 @@ def test_more_than_two_to_the_31_elements_on_gpu():
                                                  grad_output=torch.ones(3))
     assert rel_err(loss[rows], ref_loss) <= 1e-2
     assert rel_err(grad[rows], ref_grad) <= 1e-2
+
+
+def test_scale_and_reduce_span_many_blocks(device):
+    """The one-program reduction scale and loss sum over more rows than one block (1024)."""
+    from fusedce.kernels import ce_reduce, ce_scale
+
+    target = make_targets(2500, 50, device, ignore_fraction=0.3)
+    weight = torch.rand(50, device=device) + 0.5
+    spec = LossSpec(impl="triton")
+    counted = target != -100
+    scale = ce_scale(target, None, None, spec, 50)
+    assert torch.allclose(scale, 1.0 / counted.sum().float().reshape(1))
+    weighted = ce_scale(target, weight, None, spec, 50)
+    denom = weight[target.clamp(0, 49)][counted].sum()
+    assert torch.allclose(weighted, 1.0 / denom.reshape(1))
+    items = ce_scale(target, None, torch.tensor([7], device=device), spec, 50)
+    assert torch.allclose(items, torch.full((1,), 1 / 7, device=device))
+    assert ce_scale(torch.full((3000,), -100, device=device), None, None, spec, 50).item() == 0.0
+    rows = torch.randn(2500, device=device)
+    assert torch.allclose(ce_reduce(rows, None, torch.float32), rows.sum(), rtol=1e-5)
+    mean = ce_reduce(rows, scale, torch.bfloat16)
+    assert mean.dtype == torch.bfloat16
+    assert torch.allclose(mean.float(), (rows.sum() * scale[0]).bfloat16().float(), rtol=1e-2)
+    negative = ce_reduce(-rows.abs(), torch.zeros(1, device=device), torch.float32)
+    assert negative.item() == 0.0 and not torch.signbit(negative).item()
+
+
+def test_backward_strides_rows_over_programs(device):
+    """More rows than the backward launches programs (four per SM): each program scales
+    several rows, and rows whose factor is 1 are left untouched."""
+    grad = make_logits(70, 300, torch.bfloat16, device)
+    factor = torch.tensor([2.0, 1.0, -0.5, 4.0, 0.25] * 14, device=device)
+    expected = (grad.float() * factor[:, None]).to(grad.dtype)
+    ce_bwd(grad, factor, block_size=128)
+    assert torch.equal(grad, expected)
