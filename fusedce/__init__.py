@@ -14,6 +14,7 @@ from .functional import (
     cross_entropy_dtensor,
     linear_cross_entropy,
     resolve_impl,
+    token_logprobs,
 )
 from .linear import LinearCrossEntropyFunction
 from .module import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -36,5 +37,6 @@ __all__ = [
     "linear_cross_entropy",
     "resolve_impl",
     "check_labels",
+    "token_logprobs",
     "__version__",
 ]

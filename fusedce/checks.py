@@ -180,7 +180,9 @@ def check_options(
 # Keywords of the public functions that only class-index targets support.
 _CLASS_ONLY = {"logit_scale": 1.0, "softcap": None, "lse_square_scale": 0.0,
                "num_items_in_batch": None, "return_stats": False, "out_dtype": None,
-               "process_group": None, "inplace_backward": False, "backward": "auto"}
+               "process_group": None, "inplace_backward": False, "backward": "auto",
+               "temperature": 1.0, "token_weight": None, "differentiable_stats": False,
+               "batch_invariant": False}
 
 
 def check_keywords(options: dict) -> None:
@@ -207,16 +209,56 @@ def make_spec(options: dict, impl: Impl) -> LossSpec:
     if backward == "recompute" and options.get("process_group") is not None:
         raise ValueError("backward='recompute' is not available with process_group (the "
                          "vocabulary-parallel backward scales the stored gradient)")
+    temperature = options.get("temperature", 1.0)
+    if not _is_number(temperature) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    differentiable = options.get("differentiable_stats", False)
+    invariant = options.get("batch_invariant", False)
+    for name, value in (("differentiable_stats", differentiable),
+                        ("batch_invariant", invariant)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if differentiable and not options["return_stats"]:
+        raise ValueError("differentiable_stats=True gives stats.lse and stats.entropy "
+                         "gradients: pass return_stats=True too")
+    if (differentiable or invariant) and options.get("process_group") is not None:
+        raise ValueError("differentiable_stats and batch_invariant are not available with "
+                         "process_group")
+    if differentiable and backward == "stored":
+        raise ValueError("differentiable_stats=True recomputes the gradient in the backward: "
+                         "backward='stored' cannot hold it")
+    # The temperature folds into the transform exactly: softcap(s * x) / T = c/T *
+    # tanh((s/T) * x / (c/T)), the transform with scale s / T and cap c / T.
     softcap = options["softcap"]
+    temperature = float(temperature)
     return LossSpec(
         ignore_index=int(options["ignore_index"]), reduction=options["reduction"],
         label_smoothing=float(options["label_smoothing"]),
-        logit_scale=float(options["logit_scale"]),
-        softcap=None if softcap is None else float(softcap),
+        logit_scale=float(options["logit_scale"]) / temperature,
+        softcap=None if softcap is None else float(softcap) / temperature,
         lse_square_scale=float(options["lse_square_scale"]),
-        return_stats=bool(options["return_stats"]), impl=impl,
+        return_stats=bool(options["return_stats"]), differentiable_stats=differentiable,
+        batch_invariant=invariant, impl=impl,
         inplace_backward=bool(options.get("inplace_backward", False)),
         out_dtype=options["out_dtype"], backward=backward)
+
+
+def check_token_weight(token_weight, target: Tensor) -> None:
+    """Per-token weights: floating point, the target's shape and device, no gradient."""
+    if token_weight is None:
+        return
+    check_tensor("token_weight", token_weight)
+    if not token_weight.is_floating_point():
+        raise TypeError(f"token_weight must be floating point, got dtype {token_weight.dtype}")
+    if tuple(token_weight.shape) != tuple(target.shape):
+        raise ValueError(f"token_weight must have the target's shape {tuple(target.shape)}, got "
+                         f"{tuple(token_weight.shape)}")
+    if token_weight.device != target.device:
+        raise ValueError(f"token_weight is on {token_weight.device} but target is on "
+                         f"{target.device}")
+    if token_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("token_weight requires grad, but it gets no gradient (it weighs the "
+                         "loss as advantages or masks do): pass token_weight.detach()")
 
 
 def check_inplace_target(input: Tensor, logits: Tensor) -> None:

@@ -8,8 +8,9 @@ per-token numbers cross ranks, never logits:
    w*z for smoothing, first argmax for accuracy), and picks out the target logit where it owns
    the target;
 2. ``all_reduce(MAX)`` of the row maxima: N floats;
-3. ``all_reduce(SUM)`` of (sum of exp rescaled to the global max, sum of w*z, target logit):
-   3N floats;
+3. ``all_reduce(SUM)`` of (sum of exp rescaled to the global max, sum of w*z, target logit, and
+   with the statistics the entropy sum ``sum exp(z - m) * (z - m)`` moved to the global max):
+   3N floats (4N with statistics);
 4. only with token accuracy: ``all_reduce(MIN)`` of the candidate argmax columns: N int64;
 5. each rank writes the loss and the gradient of its own slice in one more pass, from the merged
    statistics.
@@ -32,7 +33,15 @@ from torch import Tensor
 
 from . import torch_impl
 from .autograd import refuse_double_backward
-from .passes import reduce_rows, reduction_scale, row_stats, run_pass, scale_grad_
+from .passes import (
+    reduce_rows,
+    reduction_scale,
+    row_scale,
+    row_stats,
+    run_pass,
+    scale_grad_,
+    weigh_rows,
+)
 from .spec import LossSpec, RowStats, VocabSlice
 
 _INT32_MAX = 2**31 - 1
@@ -100,7 +109,7 @@ def _merged_stats(input: Tensor, target: Tensor, w_local: Tensor | None, spec: L
     (their weighted sums relative to the merged max) and each row's transformed target logit."""
     start, n_local = layout.vocab_start, layout.n_local
     stats = row_stats(input, target, w_local, spec)
-    pm, pd, psz = stats.partials
+    pm, pd, psz, pe = stats.partials
     local_max = pm.amax(dim=1)
     local_sum = (pd * torch.exp(pm - local_max.unsqueeze(1))).sum(dim=1)
     local_wz = psz.sum(dim=1)
@@ -120,8 +129,10 @@ def _merged_stats(input: Tensor, target: Tensor, w_local: Tensor | None, spec: L
     if spec.has_smoothing:
         counted = target != spec.ignore_index
         local_wz = torch.where(counted, local_wz + w_total * (ref - row_max), 0.0)
-    packed = torch.stack([local_sum * torch.exp(local_max - row_max), local_wz,
-                          z_t.to(local_sum.dtype)])
+    parts = [local_sum * torch.exp(local_max - row_max), local_wz, z_t.to(local_sum.dtype)]
+    if spec.has_entropy:
+        parts.append(torch_impl.merge_entropy_sums(pm, pd, pe, row_max))
+    packed = torch.stack(parts)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     argmax = torch.empty(0, dtype=torch.int32, device=input.device)
     if spec.return_stats:
@@ -131,7 +142,8 @@ def _merged_stats(input: Tensor, target: Tensor, w_local: Tensor | None, spec: L
                             first_local + start, _INT32_MAX)
         dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
         argmax = first.to(torch.int32).unsqueeze(1)
-    merged = torch.stack([row_max, packed[0], packed[1]]).unsqueeze(2).contiguous()
+    e = packed[3] if spec.has_entropy else torch.zeros_like(row_max)
+    merged = torch.stack([row_max, packed[0], packed[1], e]).unsqueeze(2).contiguous()
     return RowStats(merged, argmax), packed[2].contiguous()
 
 
@@ -144,12 +156,13 @@ def vocab_parallel_forward(
     group,
     *,
     compute_grad: bool,
-) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor | None]:
+    token_weight: Tensor | None = None,
+) -> tuple[tuple[Tensor, ...], Tensor | None]:
     """The module docstring's steps 1-5.  ``input`` is this rank's (N, C_local) slice,
     ``target`` (N,) int64 global ids, ``weight`` the full (C,) weights (math dtype) or None.
 
     Returns:
-        ((loss, lse, z_loss, accuracy), grad of this rank's slice or None).
+        ((loss, lse, z_loss, accuracy, entropy, argmax), grad of this rank's slice or None).
     """
     n_rows, n_local = input.shape
     layout = vocab_layout(group, n_local, n_rows, input.dtype, input.device)
@@ -167,7 +180,7 @@ def vocab_parallel_forward(
 
     # 5. Loss and this slice's gradient.
     scale = reduction_scale(target, weight, spec, n_classes, num_items_in_batch,
-                            spec.math_dtype(input.dtype))
+                            spec.math_dtype(input.dtype), token_weight)
     grad = None
     if compute_grad:
         grad = input.detach() if spec.inplace_backward else torch.empty(
@@ -175,8 +188,10 @@ def vocab_parallel_forward(
     vocab = VocabSlice(start, n_classes, target_logit,
                        weight[target.clamp(0, n_classes - 1)].contiguous()
                        if weight is not None else None)
-    rows = run_pass(input, target, w_local, scale, spec, grad, row_stats=merged, vocab=vocab,
+    rows = run_pass(input, target, w_local, row_scale(scale, target, spec, token_weight), spec,
+                    grad, row_stats=merged, vocab=vocab,
                     weight_sum=weight.sum().reshape(1) if weight is not None else None)
+    rows = weigh_rows(rows, target, spec, token_weight)
     outputs = reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
     if grad is not None and spec.inplace_backward:
         torch.autograd.graph.increment_version(input)
@@ -186,13 +201,14 @@ def vocab_parallel_forward(
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Autograd for ``vocab_parallel_forward``: the forward writes this rank's slice of the
     gradient; the backward applies ``grad_output``.  ``apply(input, target, weight,
-    num_items_in_batch, spec, group)`` returns ``(loss, lse, z_loss, accuracy)``; only ``loss``
-    is differentiable."""
+    num_items_in_batch, spec, group, token_weight)`` returns ``(loss, lse, z_loss, accuracy,
+    entropy, argmax)``; only ``loss`` is differentiable."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, num_items_in_batch, spec, group):
+    def forward(ctx, input, target, weight, num_items_in_batch, spec, group, token_weight=None):
         outputs, grad = vocab_parallel_forward(input, target, weight, num_items_in_batch, spec,
-                                               group, compute_grad=ctx.needs_input_grad[0])
+                                               group, compute_grad=ctx.needs_input_grad[0],
+                                               token_weight=token_weight)
         ctx.mark_non_differentiable(*outputs[1:])
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.grad, ctx.spec = grad, spec  # an attribute: it may alias the input on purpose
@@ -209,17 +225,19 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             )
         ctx.grad = None
         scale_grad_(grad, grad_output, ctx.spec)
-        return (grad, None, None, None, None, None)
+        return (grad, None, None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
-                                 num_items_in_batch, spec: LossSpec, group, wants_grad: bool):
+                                 num_items_in_batch, spec: LossSpec, group, wants_grad: bool,
+                                 token_weight: Tensor | None = None):
     """``fusedce.cross_entropy(..., process_group=group)`` after its checks."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group given but torch.distributed is not initialized")
     if wants_grad:
         return VocabParallelCrossEntropyFunction.apply(input, target, weight,
-                                                       num_items_in_batch, spec, group)
+                                                       num_items_in_batch, spec, group,
+                                                       token_weight)
     outputs, _ = vocab_parallel_forward(input, target, weight, num_items_in_batch, spec, group,
-                                        compute_grad=False)
+                                        compute_grad=False, token_weight=token_weight)
     return outputs

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import checks, distributed, linear
 from .autograd import CrossEntropyFunction
 from .checks import resolve_impl
-from .passes import forward_pass, reduce_rows, reduction_scale
+from .passes import forward_pass, reduce_rows, reduction_scale, weigh_rows
 from .spec import LossSpec
 
 ImplChoice = Literal["auto", "triton", "torch"]
@@ -24,17 +24,23 @@ ImplChoice = Literal["auto", "triton", "torch"]
 
 class CrossEntropyStats(NamedTuple):
     """Training statistics computed in the same pass as the loss (float32, or float64 for
-    float64 logits; no gradient).
+    float64 logits; no gradient unless ``differentiable_stats=True``, which gives ``lse`` and
+    ``entropy`` theirs).
 
-    ``lse``: the log-sum-exp of each row's (scaled, capped) logits, the target's shape, 0 where
-    the target is ignored.  ``z_loss``: the z-loss part of the loss, reduced like the loss (0 when
-    ``lse_square_scale`` is 0).  ``accuracy``: the share of counted targets that are their row's
-    argmax (the first one, on ties), a scalar.
+    ``lse``: the log-sum-exp of each row's transformed logits ``z`` (scaled, capped, divided by
+    the temperature), the target's shape, 0 where the target is ignored.  ``z_loss``: the
+    z-loss part of the loss, reduced like the loss (0 when ``lse_square_scale`` is 0).
+    ``accuracy``: the share of counted targets that are their row's argmax (the first one, on
+    ties), a scalar.  ``entropy``: each token's entropy ``H = lse - sum_c p_c z_c`` of
+    ``p = softmax(z)``, the target's shape, 0 where ignored.  ``argmax``: each token's
+    predicted class (the first argmax of its logits, int64), -1 where ignored.
     """
 
     lse: Tensor
     z_loss: Tensor
     accuracy: Tensor
+    entropy: Tensor
+    argmax: Tensor
 
 
 def _probability_loss(logits: Tensor, target: Tensor, weight: Tensor | None,
@@ -67,7 +73,7 @@ def _as_rows(input: Tensor, n_classes: int) -> Tensor:
 
 def _finish(outputs, spec: LossSpec, shape: torch.Size):
     """Reshape the Function's outputs to the target's shape; build the statistics."""
-    loss, lse, z_loss, accuracy = outputs
+    loss, lse, z_loss, accuracy, entropy, argmax = outputs
     if spec.reduction == "none":
         loss = loss.reshape(shape)
     if not spec.return_stats:
@@ -76,7 +82,8 @@ def _finish(outputs, spec: LossSpec, shape: torch.Size):
         z_loss = torch.zeros(loss.shape, dtype=lse.dtype, device=loss.device)
     elif spec.reduction == "none":
         z_loss = z_loss.reshape(shape)
-    return loss, CrossEntropyStats(lse.reshape(shape), z_loss, accuracy)
+    return loss, CrossEntropyStats(lse.reshape(shape), z_loss, accuracy, entropy.reshape(shape),
+                                   argmax.reshape(shape))
 
 
 def cross_entropy(
@@ -97,6 +104,10 @@ def cross_entropy(
     out_dtype: torch.dtype | None = None,
     process_group: object | None = None,
     backward: Literal["auto", "stored", "recompute"] = "auto",
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
+    differentiable_stats: bool = False,
+    batch_invariant: bool = False,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
     (Long for its docstring, the public contract; the work is in ``_cross_entropy``.)
@@ -152,6 +163,23 @@ def cross_entropy(
             gradient with ``grad_output`` folded in (6 bytes per logit whatever
             ``grad_output`` is; the logits stay alive until the backward); ``"auto"``:
             recompute for ``reduction="none"``, stored otherwise.
+        temperature: divide the (scaled, capped) logits by this (> 0) last: loss, statistics and
+            gradient are those of ``softmax(z / temperature)``, as a sampler at that
+            temperature sees it.
+        token_weight: the target's shape, floating point: multiplies each counted token's loss
+            and z-loss (advantages, masks; may be negative); ``mean`` divides by the sum over
+            counted tokens of ``token_weight * class weight`` (or by ``num_items_in_batch``).
+            It gets no gradient.
+        differentiable_stats: with ``return_stats``, ``stats.lse`` and ``stats.entropy``
+            carry gradients (``dlse/dz = p``, ``dH/dz_c = -p_c (z_c - sum p z)``): the
+            backward then recomputes the gradient of the logits from the saved logits with
+            every incoming gradient folded in (one more read and one write of each logit).
+        batch_invariant: each row's loss, statistics and gradient are bitwise the same whatever
+            the other rows are and however many there are (for one implementation, device,
+            dtype and set of options): the kernels never split a row by the row count, and the
+            PyTorch implementation computes fixed-size, padded chunks of rows.  The gradient of
+            a ``mean`` still depends on the batch through its denominator (pass
+            ``num_items_in_batch`` or use ``sum``/``none`` for invariant gradients).
 
     Returns:
         The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
@@ -170,29 +198,38 @@ def cross_entropy(
     checks.check_class_target(input, target)
     checks.check_weight(weight, None if process_group is not None else n_classes, input.device)
     spec = checks.make_spec(options, resolve_impl(impl, input.device, input.dtype))
+    checks.check_token_weight(token_weight, target)
     num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
-    return _cross_entropy(input, target, weight, num_items, spec, n_classes, process_group)
+    return _cross_entropy(input, target, weight, num_items, spec, n_classes, process_group,
+                          token_weight)
 
 
 def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, num_items,
-                   spec: LossSpec, n_classes: int, process_group) -> Tensor | tuple:
+                   spec: LossSpec, n_classes: int, process_group,
+                   token_weight: Tensor | None = None) -> Tensor | tuple:
     """``cross_entropy`` after its checks: layouts, then the Function (or a plain pass)."""
     logits = _as_rows(input, n_classes)
     wants_grad = torch.is_grad_enabled() and input.requires_grad
     if spec.inplace_backward and wants_grad:
         checks.check_inplace_target(input, logits)
     flat_target = target.reshape(-1).to(torch.int64)
+    math_dtype = spec.math_dtype(logits.dtype)
     if weight is not None:
-        weight = weight.detach().to(spec.math_dtype(logits.dtype)).contiguous()
+        weight = weight.detach().to(math_dtype).contiguous()
+    if token_weight is not None:
+        token_weight = token_weight.detach().reshape(-1).to(math_dtype).contiguous()
     if process_group is not None:
         outputs = distributed.vocab_parallel_cross_entropy(
-            logits, flat_target, weight, num_items, spec, process_group, wants_grad)
+            logits, flat_target, weight, num_items, spec, process_group, wants_grad,
+            token_weight)
     elif wants_grad:
-        outputs = CrossEntropyFunction.apply(logits, flat_target, weight, num_items, spec)
+        outputs = CrossEntropyFunction.apply(logits, flat_target, weight, num_items, spec,
+                                             token_weight)
     else:
-        scale = reduction_scale(flat_target, weight, spec, n_classes, num_items,
-                                spec.math_dtype(logits.dtype))
+        scale = reduction_scale(flat_target, weight, spec, n_classes, num_items, math_dtype,
+                                token_weight)
         rows, _, _ = forward_pass(logits, flat_target, weight, scale, spec, compute_grad=False)
+        rows = weigh_rows(rows, flat_target, spec, token_weight)
         outputs = reduce_rows(rows, flat_target, spec, scale, spec.out_dtype or logits.dtype)
     return _finish(outputs, spec, target.shape)
 
@@ -240,6 +277,10 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     impl: ImplChoice = "auto",
     backward: Literal["auto", "stored", "recompute"] = "auto",
+    temperature: float = 1.0,
+    token_weight: Tensor | None = None,
+    differentiable_stats: bool = False,
+    batch_invariant: bool = False,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
@@ -268,6 +309,12 @@ def linear_cross_entropy(
             ``grad_output`` in the backward; ``"recompute"``: the backward makes them in one more
             chunked pass with ``grad_output`` folded in (the matrix products run twice);
             ``"auto"``: recompute for ``reduction="none"``, stored otherwise.
+        temperature, token_weight: as in ``fusedce.cross_entropy``.
+        differentiable_stats: as in ``fusedce.cross_entropy``; the backward recomputes each
+            chunk's logits from the hidden states and the weight (the products run again).
+        batch_invariant: as in ``fusedce.cross_entropy``; tokens then go through fixed-size
+            chunks (``chunk_size``, or a size set by the vocabulary alone), the last one padded,
+            so the same matrix-product shape always runs.
 
     Returns:
         The loss (the target's shape for ``none``); with ``return_stats``,
@@ -286,17 +333,80 @@ def linear_cross_entropy(
     if chunk_size is not None and (not checks.is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     spec = checks.make_spec(options, resolve_impl(impl, input.device, input.dtype))
+    checks.check_token_weight(token_weight, target)
     num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
     x = input.reshape(-1, input.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight is not None:
         weight = weight.detach().to(spec.math_dtype(x.dtype)).contiguous()
+    if token_weight is not None:
+        token_weight = token_weight.detach().reshape(-1).to(spec.math_dtype(x.dtype)).contiguous()
     outputs = linear.linear_cross_entropy_outputs(
         x, linear_weight, target.reshape(-1).to(torch.int64), linear_bias, weight, num_items,
-        spec, chunk_size)
+        spec, chunk_size, token_weight)
     return _finish(outputs, spec, target.shape)
 
 
+def token_logprobs(
+    logits_or_hidden: Tensor,
+    target: Tensor,
+    *,
+    linear_weight: Tensor | None = None,
+    linear_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    batch_invariant: bool = True,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    impl: ImplChoice = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probabilities of the targets under ``softmax(z / temperature)``, for RL
+    post-training (the policy's and the reference's log-probabilities, PPO/GRPO ratios).
+
+    ``log p(target) = z_t - lse``: ``-cross_entropy(reduction="none")`` without smoothing,
+    computed in the same single pass, differentiable, and batch-invariant by default (a token's
+    value does not depend on what else is in the batch, so a trainer and a rollout engine that
+    batch differently agree bitwise for one implementation and device).
+
+    Args:
+        logits_or_hidden: (..., C) logits, or with ``linear_weight`` (..., H) hidden states
+            whose logits ``hidden @ linear_weight.T + linear_bias`` are never materialised.
+        target: (...) integer token ids; ``ignore_index`` positions give 0 and no gradient.
+        linear_weight, linear_bias: the LM head (C, H) and its bias, or None for logits.
+        temperature: the sampling temperature (> 0).
+        return_entropy: also return each token's entropy (differentiable: an entropy bonus).
+        batch_invariant, ignore_index, logit_scale, softcap, chunk_size, impl: as in
+            ``fusedce.cross_entropy`` / ``fusedce.linear_cross_entropy``.
+
+    Returns:
+        (...) float32 log-probabilities; with ``return_entropy``, ``(logprobs, entropy)``.
+    """
+    common = dict(reduction="none", ignore_index=ignore_index, temperature=temperature,
+                  logit_scale=logit_scale, softcap=softcap, batch_invariant=batch_invariant,
+                  return_stats=return_entropy, differentiable_stats=return_entropy,
+                  out_dtype=torch.float32, impl=impl)
+    if linear_weight is not None:
+        out = linear_cross_entropy(logits_or_hidden, linear_weight, target,
+                                   linear_bias=linear_bias, chunk_size=chunk_size, **common)
+    else:
+        if linear_bias is not None or chunk_size is not None:
+            raise ValueError("linear_bias and chunk_size need linear_weight (hidden states)")
+        input = logits_or_hidden
+        if input.dim() > 2:  # (..., T, C): classes last, as language models give them
+            input = input.reshape(-1, input.shape[-1])
+            flat = target.reshape(-1)
+        else:
+            flat = target
+        out = cross_entropy(input, flat, **common)
+    loss, stats = out if return_entropy else (out, None)
+    logprobs = (0.0 - loss).reshape(target.shape)  # +0 (not -0) for ignored tokens
+    if return_entropy:
+        return logprobs, stats.entropy.reshape(target.shape)
+    return logprobs
+
+
 __all__ = ["CrossEntropyStats", "cross_entropy", "cross_entropy_dtensor",
-           "linear_cross_entropy", "resolve_impl"]
+           "linear_cross_entropy", "resolve_impl", "token_logprobs"]

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import checks
-from .autograd import refuse_double_backward
-from .passes import reduce_rows, reduction_scale, run_pass
+from . import checks, torch_impl
+from .autograd import loss_factors, non_differentiable, refuse_double_backward, stat_grads
+from .passes import reduce_rows, reduction_scale, row_scale, run_pass, weigh_rows
 from .spec import LossSpec, RowResults, accumulation_dtype
 
 # Logits elements per chunk when the hidden states are smaller than this: 8 Mi (32 MiB float32),
@@ -89,6 +89,21 @@ def default_chunk_size(n_rows: int, n_cols: int, hidden: int, device: torch.devi
     return max(1, min(rows, n_rows))
 
 
+def invariant_chunk_size(n_cols: int) -> int:
+    """Rows per chunk under ``batch_invariant``: set by the vocabulary alone (up to 8 Mi logits
+    and 1024 rows), a multiple of the PyTorch implementation's row chunk (or at most one), so
+    every product and every reduction runs at one shape whatever the number of tokens (the last
+    chunk is padded)."""
+    rows = max(1, torch_impl.CHUNK_ELEMENTS // max(n_cols, 1))  # the PyTorch row chunk
+    if rows >= _MAX_INVARIANT_ROWS:
+        return _MAX_INVARIANT_ROWS
+    return rows * max(1, min(MIN_CHUNK_ELEMENTS // torch_impl.CHUNK_ELEMENTS,
+                             _MAX_INVARIANT_ROWS // rows))
+
+
+_MAX_INVARIANT_ROWS = 1024
+
+
 _MM_OUT_DTYPE: dict[str, bool] = {}
 
 
@@ -132,36 +147,60 @@ def _linear_ce_pass_op(
     target: Tensor,
     weight: Tensor | None,
     scale: Tensor,
+    lse_grad: Tensor | None,
+    entropy_grad: Tensor | None,
     spec: str,
     chunk_size: int,
     need_x: bool,
     need_w: bool,
     need_b: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One chunked pass: per-row (loss, lse, z_loss, correct) and, as ``need_*`` ask, the
-    gradients of x, w and b scaled by ``scale`` ((1,) or one factor per row); empty tensors for
-    what is not needed.  ``chunk_size`` 0 picks the default."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One chunked pass: per-row (loss, lse, z_loss, correct, entropy, argmax) and, as
+    ``need_*`` ask, the gradients of x, w and b scaled by ``scale`` ((1,) or one factor per
+    row), with the statistics' incoming gradients ``lse_grad``/``entropy_grad`` (N,) folded in
+    when given; empty tensors for what is not needed.  ``chunk_size`` 0 picks the default."""
     options = LossSpec.decode(spec)
     n_rows, n_cols = x.shape[0], w.shape[0]
     head = _Head(w, b)
+    invariant = options.batch_invariant
     if chunk_size <= 0:
-        chunk_size = default_chunk_size(n_rows, n_cols, x.shape[1], x.device)
+        chunk_size = invariant_chunk_size(n_cols) if invariant else \
+            default_chunk_size(n_rows, n_cols, x.shape[1], x.device)
+    pass_spec = options
+    if invariant and options.impl == "torch":
+        rows_pt = max(1, torch_impl.CHUNK_ELEMENTS // n_cols)
+        if chunk_size <= rows_pt or chunk_size % rows_pt == 0:
+            pass_spec = options.replace(batch_invariant=False)  # its row chunks are fixed too
     any_grad = need_x or need_w or need_b
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     acc_w = torch.zeros(w.shape if need_w else (0,), dtype=head.acc, device=w.device)
     acc_b = torch.zeros(n_cols if need_b else 0, dtype=head.acc, device=w.device)
-    buf = torch.empty(min(chunk_size, n_rows), n_cols, dtype=head.acc, device=x.device)
+    buf_rows = chunk_size if invariant else min(chunk_size, n_rows)
+    buf = torch.empty(buf_rows, n_cols, dtype=head.acc, device=x.device)
+    pad = _Padding(buf_rows, x, target, options.ignore_index) if invariant else None
     parts = []
     for r0 in range(0, n_rows, chunk_size):
         r1 = min(r0 + chunk_size, n_rows)
-        x_c = x[r0:r1]
-        logits = head.logits(x_c, buf[: r1 - r0])
-        parts.append(run_pass(logits, target[r0:r1], weight,
-                              scale if scale.numel() == 1 else scale[r0:r1], options,
-                              logits if any_grad else None))
-        # Now ``logits`` holds the gradient of the chunk's logits, in the accumulation dtype.
-        if need_x:
+        n = r1 - r0
+
+        def rows_of(v: Tensor | None) -> Tensor | None:
+            if v is None:
+                return v
+            return pad.rows(v, r0, r1) if pad is not None else v[r0:r1]
+
+        x_c = rows_of(x)
+        logits = head.logits(x_c, buf[: x_c.shape[0]])
+        grads_in = None if lse_grad is None else (rows_of(lse_grad), rows_of(entropy_grad))
+        part = run_pass(logits, rows_of(target), weight,
+                        scale if scale.numel() == 1 else rows_of(scale), pass_spec,
+                        logits if any_grad else None, stat_grads=grads_in)
+        parts.append(RowResults(*(v[:n] for v in part)))
+        # Now ``logits`` holds the gradient of the chunk's logits, in the accumulation dtype
+        # (exact zeros in padded rows, whose targets are ignored).
+        if need_x and x_c.shape[0] == n:
             torch.mm(logits.to(w.dtype), w, out=grad_x[r0:r1])
+        elif need_x:
+            grad_x[r0:r1] = torch.mm(logits.to(w.dtype), w)[:n]
         if need_w:
             acc_w.addmm_(logits.t(), x_c.to(head.acc))
         if need_b:
@@ -171,13 +210,38 @@ def _linear_ce_pass_op(
     return (*rows, grad_x, acc_w.to(w.dtype), acc_b.to(b.dtype if b is not None else w.dtype))
 
 
+class _Padding:
+    """Fixed-size row chunks for ``batch_invariant``: a chunk of fewer rows is copied into a
+    scratch of ``rows`` rows whose extra rows are zeros (targets: ignored)."""
+
+    def __init__(self, rows: int, x: Tensor, target: Tensor, ignore_index: int):
+        self.size, self.ignore_index = rows, ignore_index
+        self.scratch: dict[int, Tensor] = {}
+
+    def rows(self, v: Tensor, r0: int, r1: int) -> Tensor:
+        n = r1 - r0
+        if n == self.size:
+            return v[r0:r1]
+        key = id(v)  # one scratch per padded tensor (hidden states, targets, factors, ...)
+        if key not in self.scratch:
+            fill = self.ignore_index if v.dtype == torch.int64 else 0
+            self.scratch[key] = torch.full((self.size, *v.shape[1:]), fill, dtype=v.dtype,
+                                           device=v.device)
+        out = self.scratch[key]
+        out[:n] = v[r0:r1]
+        return out
+
+
 @_linear_ce_pass_op.register_fake
-def _(x, w, b, target, weight, scale, spec, chunk_size, need_x, need_w, need_b):
+def _(x, w, b, target, weight, scale, lse_grad, entropy_grad, spec, chunk_size, need_x, need_w,
+      need_b):
     options = LossSpec.decode(spec)
     n, acc = x.shape[0], options.math_dtype(x.dtype)
+    n_stats = n if options.return_stats else 0
     return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
             x.new_empty(n if options.has_z_loss else 0, dtype=acc),
-            x.new_empty(n if options.return_stats else 0, dtype=acc),
+            x.new_empty(n_stats, dtype=acc), x.new_empty(n_stats, dtype=acc),
+            x.new_empty(n_stats, dtype=torch.int64),
             x.new_empty(x.shape if need_x else (0,)),
             w.new_empty(w.shape if need_w else (0,)),
             x.new_empty((w.shape[0],) if need_b else (0,)))
@@ -197,37 +261,40 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             num_items_in_batch,  # int | float | Tensor | None
             spec,                # fusedce.LossSpec (inplace_backward is not used)
             chunk_size,          # int: rows per chunk, or 0 for the default
+            token_weight,        # (N,) per-token weights in the math dtype, or None (optional)
         )
 
-    and get ``(loss, lse, z_loss, accuracy)`` as ``CrossEntropyFunction`` does; only ``loss``
-    is differentiable.  Arguments are checked by ``fusedce.linear_cross_entropy``, not here.
+    and get ``(loss, lse, z_loss, accuracy, entropy, argmax)`` as ``CrossEntropyFunction``
+    does, with the same differentiable outputs.  Arguments are checked by
+    ``fusedce.linear_cross_entropy``, not here.
     """
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, num_items_in_batch,
-                spec, chunk_size):
+                spec, chunk_size, token_weight=None):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 linear_bias is not None and ctx.needs_input_grad[2])
         scale = reduction_scale(target, weight, spec, linear_weight.shape[0],
-                                num_items_in_batch, spec.math_dtype(input.dtype))
+                                num_items_in_batch, spec.math_dtype(input.dtype), token_weight)
+        grad_scale = row_scale(scale, target, spec, token_weight)
         deferred = spec.recompute_backward and any(need)
         *rows, gx, gw, gb = _linear_ce_pass_op(
-            input, linear_weight, linear_bias, target, weight, scale, spec.encode(), chunk_size,
-            *((False,) * 3 if deferred else need))
-        outputs = reduce_rows(RowResults(*rows), target, spec, scale,
-                              spec.out_dtype or input.dtype)
-        ctx.mark_non_differentiable(*outputs[1:])
+            input, linear_weight, linear_bias, target, weight, grad_scale, None, None,
+            spec.encode(), chunk_size, *((False,) * 3 if deferred else need))
+        rows = weigh_rows(RowResults(*rows), target, spec, token_weight)
+        outputs = reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
+        ctx.mark_non_differentiable(*non_differentiable(outputs, spec))
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.deferred, ctx.need, ctx.consumed = deferred, need, False
         ctx.spec, ctx.chunk_size = spec, chunk_size
         if deferred:
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, scale)
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_scale)
         else:
             ctx.save_for_backward(*(g if n else None for g, n in zip((gx, gw, gb), need)))
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_output, *unused):
+    def backward(ctx, grad_output, grad_lse, _z, _accuracy, grad_entropy, _argmax):
         refuse_double_backward("fusedce.linear_cross_entropy")
         compiling = torch.compiler.is_compiling()
         if ctx.consumed and not compiling:
@@ -238,11 +305,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.consumed = True
         if ctx.deferred:
             x, w, b, target, weight, scale = ctx.saved_tensors
-            # The per-token factors go to the kernel as per-row gradient scales.
-            factors = (grad_output.reshape(-1).to(scale.dtype) * scale).contiguous()
-            *_, gx, gw, gb = _linear_ce_pass_op(x, w, b, target, weight, factors,
-                                                ctx.spec.replace(return_stats=False).encode(),
-                                                ctx.chunk_size, *ctx.need)
+            # The per-token factors (and the statistics' gradients) go to the kernel per row.
+            grads_in = stat_grads(grad_lse, grad_entropy, x.shape[0], scale, ctx.spec)
+            *_, gx, gw, gb = _linear_ce_pass_op(
+                x, w, b, target, weight, loss_factors(grad_output, scale),
+                *(grads_in if grads_in is not None else (None, None)),
+                ctx.spec.replace(return_stats=False).encode(), ctx.chunk_size, *ctx.need)
             grads = [g if n else None for g, n in zip((gx, gw, gb), ctx.need)]
         else:
             grads = list(ctx.saved_tensors)
@@ -252,7 +320,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 for g in grads:
                     if g is not None:
                         g.mul_(grad_output.to(g.dtype))  # small tensors: (N, H), (C, H), (C,)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def linear_cross_entropy_outputs(
@@ -264,20 +332,24 @@ def linear_cross_entropy_outputs(
     num_items_in_batch,
     spec: LossSpec,
     chunk_size: int | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    token_weight: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """Through autograd when a gradient is wanted, else a plain chunked pass."""
     chunk_size = chunk_size or 0
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     if wants_grad:
         return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target,
-                                                weight, num_items_in_batch, spec, chunk_size)
+                                                weight, num_items_in_batch, spec, chunk_size,
+                                                token_weight)
     scale = reduction_scale(target, weight, spec, linear_weight.shape[0], num_items_in_batch,
-                            spec.math_dtype(input.dtype))
+                            spec.math_dtype(input.dtype), token_weight)
     *rows, _, _, _ = _linear_ce_pass_op(input, linear_weight, linear_bias, target, weight, scale,
-                                        spec.encode(), chunk_size, False, False, False)
-    return reduce_rows(RowResults(*rows), target, spec, scale, spec.out_dtype or input.dtype)
+                                        None, None, spec.encode(), chunk_size, False, False,
+                                        False)
+    rows = weigh_rows(RowResults(*rows), target, spec, token_weight)
+    return reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
 
 
 __all__ = ["LinearCrossEntropyFunction", "check_linear_inputs",
-           "default_chunk_size", "linear_cross_entropy_outputs"]
+           "default_chunk_size", "invariant_chunk_size", "linear_cross_entropy_outputs"]

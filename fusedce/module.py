@@ -42,11 +42,13 @@ class CrossEntropyLoss(_KeepsOptions):
         weight: (C,) class weights, kept as a buffer (so ``.to()`` and ``state_dict`` carry it).
         ignore_index, reduction, label_smoothing: as in ``torch.nn.CrossEntropyLoss``.
         impl, inplace_backward, logit_scale, softcap, lse_square_scale, return_stats,
-        out_dtype, process_group, backward: as in ``fusedce.cross_entropy``.
+        out_dtype, process_group, backward, temperature, differentiable_stats,
+        batch_invariant: as in ``fusedce.cross_entropy``.
 
     Shape: ``input`` (N, C), (C,) or (N, C, d1, ...); ``target`` (N,), () or (N, d1, ...).
-    ``forward(input, target, num_items_in_batch=None)`` takes the gradient-accumulation
-    denominator per call, since it changes with every batch.
+    ``forward(input, target, num_items_in_batch=None, token_weight=None)`` takes the
+    gradient-accumulation denominator and the per-token weights per call, since they change
+    with every batch.
     """
 
     def __init__(
@@ -65,15 +67,19 @@ class CrossEntropyLoss(_KeepsOptions):
         out_dtype: torch.dtype | None = None,
         process_group: object | None = None,
         backward: Literal["auto", "stored", "recompute"] = "auto",
+        temperature: float = 1.0,
+        differentiable_stats: bool = False,
+        batch_invariant: bool = False,
     ) -> None:
         super().__init__()
         self._keep(dict(locals()))
 
     def forward(
-        self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None
+        self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None,
+        token_weight: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
         return cross_entropy(input, target, self.weight, num_items_in_batch=num_items_in_batch,
-                             **self._options())
+                             token_weight=token_weight, **self._options())
 
 
 class LinearCrossEntropyLoss(_KeepsOptions):
@@ -88,8 +94,9 @@ class LinearCrossEntropyLoss(_KeepsOptions):
         in_features, num_classes: H and C.
         bias: whether the projection has a bias.
         weight, ignore_index, reduction, label_smoothing, logit_scale, softcap,
-        lse_square_scale, return_stats, out_dtype, chunk_size, impl, backward: as in
-        ``fusedce.linear_cross_entropy``; ``weight`` (class weights) is kept as a buffer.
+        lse_square_scale, return_stats, out_dtype, chunk_size, impl, backward, temperature,
+        differentiable_stats, batch_invariant: as in ``fusedce.linear_cross_entropy``;
+        ``weight`` (class weights) is kept as a buffer.
         device, dtype: of the parameters.
     """
 
@@ -111,6 +118,9 @@ class LinearCrossEntropyLoss(_KeepsOptions):
         chunk_size: int | None = None,
         impl: ImplChoice = "auto",
         backward: Literal["auto", "stored", "recompute"] = "auto",
+        temperature: float = 1.0,
+        differentiable_stats: bool = False,
+        batch_invariant: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -122,11 +132,13 @@ class LinearCrossEntropyLoss(_KeepsOptions):
                    "proj")
 
     def forward(
-        self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None
+        self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None,
+        token_weight: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
         return linear_cross_entropy(input, self.linear_weight, target,
                                     linear_bias=self.linear_bias, weight=self.weight,
-                                    num_items_in_batch=num_items_in_batch, **self._options())
+                                    num_items_in_batch=num_items_in_batch,
+                                    token_weight=token_weight, **self._options())
 
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]

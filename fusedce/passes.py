@@ -51,21 +51,25 @@ def _ce_forward_op(
     weight: Tensor | None,
     scale: Tensor,
     stats_in: Tensor | None,
+    lse_grad: Tensor | None,
+    entropy_grad: Tensor | None,
     spec: str,
     compute_grad: bool,
     store_stats: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One pass: per-row (loss, lse, z_loss, correct), each row's statistics (3, N, 1) when
-    ``store_stats``, and a new gradient when ``compute_grad`` (empty tensors otherwise)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One pass: per-row (loss, lse, z_loss, correct, entropy, argmax), each row's statistics
+    (4, N, 1) when ``store_stats``, and a new gradient when ``compute_grad`` (empty tensors
+    otherwise); ``lse_grad``/``entropy_grad``: the statistics' incoming gradients, or None."""
     options = LossSpec.decode(spec)
     acc = options.math_dtype(logits.dtype)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
         if compute_grad else None
-    stats_out = torch.empty(3, logits.shape[0], 1, dtype=acc, device=logits.device) \
+    stats_out = torch.empty(4, logits.shape[0], 1, dtype=acc, device=logits.device) \
         if store_stats else None
     rows = run_pass(logits, target, weight, scale, options, grad,
                     row_stats=RowStats(stats_in, _empty(logits)) if stats_in is not None
-                    else None, stats_out=stats_out)
+                    else None, stats_out=stats_out,
+                    stat_grads=(lse_grad, entropy_grad) if lse_grad is not None else None)
     return (*rows, stats_out if stats_out is not None else _empty(logits),
             grad if grad is not None else logits.new_empty(0))
 
@@ -73,16 +77,19 @@ def _ce_forward_op(
 def _fake_rows(logits: Tensor, spec: LossSpec) -> list[Tensor]:
     n = logits.shape[0]
     acc = spec.math_dtype(logits.dtype)
+    n_stats = n if spec.return_stats else 0
     return [logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc),
             logits.new_empty(n if spec.has_z_loss else 0, dtype=acc),
-            logits.new_empty(n if spec.return_stats else 0, dtype=acc)]
+            logits.new_empty(n_stats, dtype=acc), logits.new_empty(n_stats, dtype=acc),
+            logits.new_empty(n_stats, dtype=torch.int64)]
 
 
 @_ce_forward_op.register_fake
-def _(logits, target, weight, scale, stats_in, spec, compute_grad, store_stats):
+def _(logits, target, weight, scale, stats_in, lse_grad, entropy_grad, spec, compute_grad,
+      store_stats):
     options = LossSpec.decode(spec)
     rows = _fake_rows(logits, options)
-    stats = logits.new_empty((3, logits.shape[0], 1) if store_stats else (0,),
+    stats = logits.new_empty((4, logits.shape[0], 1) if store_stats else (0,),
                              dtype=rows[0].dtype)
     return (*rows, stats, logits.new_empty(logits.shape if compute_grad else (0,)))
 
@@ -94,17 +101,20 @@ def _ce_forward_inplace_op(
     weight: Tensor | None,
     scale: Tensor,
     stats_in: Tensor | None,
+    lse_grad: Tensor | None,
+    entropy_grad: Tensor | None,
     spec: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One pass that overwrites the logits with their scaled gradient."""
     rows = run_pass(logits, target, weight, scale, LossSpec.decode(spec), logits,
                     row_stats=RowStats(stats_in, _empty(logits)) if stats_in is not None
-                    else None)
+                    else None,
+                    stat_grads=(lse_grad, entropy_grad) if lse_grad is not None else None)
     return tuple(rows)
 
 
 @_ce_forward_inplace_op.register_fake
-def _(logits, target, weight, scale, stats_in, spec):
+def _(logits, target, weight, scale, stats_in, lse_grad, entropy_grad, spec):
     return tuple(_fake_rows(logits, LossSpec.decode(spec)))
 
 
@@ -134,16 +144,19 @@ def forward_pass(
     compute_grad: bool,
     stats_in: Tensor | None = None,
     store_stats: bool = False,
+    stat_grads: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[RowResults, Tensor | None, Tensor | None]:
     """One pass through the custom ops: (rows, each row's statistics when ``store_stats``, the
     scaled gradient when ``compute_grad``, written into ``logits`` with
-    ``spec.inplace_backward``)."""
+    ``spec.inplace_backward``); ``stat_grads``: (N,) gradients of the rows' lse and entropy to
+    fold into the gradient (with ``stats_in`` of a pass that tracked the entropy)."""
+    g_lse, g_h = stat_grads if stat_grads is not None else (None, None)
     if compute_grad and spec.inplace_backward:
         rows = RowResults(*_ce_forward_inplace_op(logits, target, weight, scale, stats_in,
-                                                  spec.encode()))
+                                                  g_lse, g_h, spec.encode()))
         return rows, None, logits
-    *rows, stats, grad = _ce_forward_op(logits, target, weight, scale, stats_in, spec.encode(),
-                                        compute_grad, store_stats)
+    *rows, stats, grad = _ce_forward_op(logits, target, weight, scale, stats_in, g_lse, g_h,
+                                        spec.encode(), compute_grad, store_stats)
     return (RowResults(*rows), stats if store_stats else None,
             grad if compute_grad else None)
 
@@ -189,13 +202,15 @@ def reduction_scale(
     n_classes: int,
     num_items_in_batch: Tensor | float | None,
     dtype: torch.dtype,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
     """The factor applied to the summed per-row losses: a (1,) device tensor of ``dtype``.
 
     For ``mean`` it is ``1 / sum of the counted targets' weights`` (the count when unweighted),
     as in PyTorch, except that it is 0 when that sum is 0 (nothing counts, or the counted
     targets' weights add up to 0), so such a batch gives loss 0 and a zero gradient instead of
-    NaN or inf; with ``num_items_in_batch`` it is ``1 / num_items_in_batch``.  For ``sum`` and
+    NaN or inf; with ``token_weight`` (N,) each counted target's weight is multiplied by its
+    token weight; with ``num_items_in_batch`` it is ``1 / num_items_in_batch``.  For ``sum`` and
     ``none`` it is 1.  Computed on the device, never read on the host: one launch for the
     kernels, a few PyTorch operations otherwise.
     """
@@ -204,19 +219,43 @@ def reduction_scale(
         return torch.ones(1, dtype=dtype, device=device)
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
         return torch.full((1,), 1.0 / num_items_in_batch, dtype=dtype, device=device)
-    if spec.impl == "triton":
+    if spec.impl == "triton" and token_weight is None:
         items = num_items_in_batch.to(device).reshape(1) if num_items_in_batch is not None \
             else None
         return _ce_scale_op(target, weight, items, spec.encode(), n_classes)
     if num_items_in_batch is not None:
         return 1.0 / num_items_in_batch.to(device=device, dtype=dtype).reshape(1)
     counted = target != spec.ignore_index
-    if weight is None:
+    if weight is None and token_weight is None:
         denom = counted.sum(dtype=dtype)
     else:
-        w_t = weight[target.clamp(0, max(n_classes - 1, 0))].to(dtype)
+        w_t = weight[target.clamp(0, max(n_classes - 1, 0))].to(dtype) if weight is not None \
+            else torch.ones((), dtype=dtype, device=device)
+        if token_weight is not None:
+            w_t = w_t * token_weight.to(dtype)
         denom = torch.where(counted, w_t, 0.0).sum()
     return torch.where(denom != 0, 1.0 / denom, 0.0).reshape(1)
+
+
+def row_scale(scale: Tensor, target: Tensor, spec: LossSpec,
+              token_weight: Tensor | None) -> Tensor:
+    """The gradient's factor per row: the reduction scale, times each token's weight (0 for an
+    ignored token, whatever its weight)."""
+    if token_weight is None:
+        return scale
+    counted = target != spec.ignore_index
+    return torch.where(counted, scale * token_weight.to(scale.dtype), 0.0).contiguous()
+
+
+def weigh_rows(rows: RowResults, target: Tensor, spec: LossSpec,
+               token_weight: Tensor | None) -> RowResults:
+    """Multiply each counted row's loss and z-loss by its token weight (ignored rows stay 0)."""
+    if token_weight is None:
+        return rows
+    counted = target != spec.ignore_index
+    tw = token_weight.to(rows.loss.dtype)
+    z_loss = torch.where(counted, rows.z_loss * tw, 0.0) if rows.z_loss.numel() else rows.z_loss
+    return rows._replace(loss=torch.where(counted, rows.loss * tw, 0.0), z_loss=z_loss)
 
 
 def reduce_rows(
@@ -225,9 +264,10 @@ def reduce_rows(
     spec: LossSpec,
     scale: Tensor,
     out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reduce per-row results: ``(loss in out_dtype, lse, z_loss, accuracy)``, with ``z_loss``
-    reduced like the loss and ``accuracy`` a scalar (empty tensors when not computed)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reduce per-row results: ``(loss in out_dtype, lse, z_loss, accuracy, entropy, argmax)``,
+    with ``z_loss`` reduced like the loss, ``accuracy`` a scalar and the other statistics per
+    row (empty tensors when not computed)."""
 
     def reduce(v: Tensor, dtype: torch.dtype) -> Tensor:
         if spec.reduction == "none":
@@ -247,8 +287,8 @@ def reduce_rows(
     if spec.return_stats:
         counted = (target != spec.ignore_index).sum(dtype=rows.correct.dtype)
         accuracy = torch.where(counted > 0, rows.correct.sum() / counted.clamp_min(1.0), 0.0)
-    return loss, rows.lse, z_loss, accuracy
+    return loss, rows.lse, z_loss, accuracy, rows.entropy, rows.argmax
 
 
-__all__ = ["forward_pass", "reduce_rows", "reduction_scale", "row_stats", "run_pass",
-           "scale_grad_"]
+__all__ = ["forward_pass", "reduce_rows", "reduction_scale", "row_scale", "row_stats", "run_pass",
+           "scale_grad_", "weigh_rows"]

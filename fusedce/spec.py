@@ -30,10 +30,16 @@ class LossSpec:
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
         label_smoothing: in [0, 1], PyTorch's definition.
         logit_scale: the logits are multiplied by it first (> 0).
-        softcap: then capped to ``softcap * tanh(z / softcap)``, or None.
+        softcap: then capped to ``softcap * tanh(z / softcap)``, or None.  A sampling
+            temperature ``T`` is already folded into both (``fusedce.checks.make_spec``):
+            ``softcap(s * x) / T`` is the transform with scale ``s / T`` and cap ``c / T``.
         lse_square_scale: z-loss coefficient (PaLM's ``lam * lse**2`` per counted row).
-        return_stats: also compute the statistics that need more than the loss (token accuracy,
-            through each row's first argmax).
+        return_stats: also compute the statistics that need more than the loss (each row's
+            first argmax, token accuracy, entropy).
+        differentiable_stats: the rows' lse and entropy carry gradients (the backward then
+            recomputes the gradient of the logits with their incoming gradients folded in).
+        batch_invariant: each row's results are bitwise independent of the other rows and their
+            number (a fixed vocabulary tiling; fixed, padded row chunks for PyTorch).
         impl: ``"triton"`` or ``"torch"`` (already resolved).
         inplace_backward: write the gradient into the logits' storage.
         out_dtype: the loss's dtype, or None for the input's.
@@ -51,6 +57,8 @@ class LossSpec:
     softcap: float | None = None
     lse_square_scale: float = 0.0
     return_stats: bool = False
+    differentiable_stats: bool = False
+    batch_invariant: bool = False
     impl: Impl = "torch"
     inplace_backward: bool = False
     out_dtype: torch.dtype | None = None
@@ -76,6 +84,11 @@ class LossSpec:
         return self.lse_square_scale != 0.0
 
     @property
+    def has_entropy(self) -> bool:
+        """Whether a pass tracks the entropy sum ``sum exp(z - m) * (z - m)``."""
+        return self.return_stats or self.differentiable_stats
+
+    @property
     def recompute_backward(self) -> bool:
         """Whether the backward recomputes the gradient from the saved logits and per-row
         statistics instead of scaling a gradient the forward stored.
@@ -89,6 +102,8 @@ class LossSpec:
         ``backward="recompute"`` when the loss will be scaled (fp16 loss scaling, a division by
         the accumulation steps).  Recompute keeps the logits alive until the backward.
         """
+        if self.differentiable_stats:
+            return True  # the statistics' gradients are known only in the backward
         if self.backward == "auto":
             return self.reduction == "none"
         return self.backward == "recompute"
@@ -107,15 +122,16 @@ class LossSpec:
         dtype = "None" if self.out_dtype is None else _DTYPE_NAMES[self.out_dtype]
         values = [str(self.ignore_index), self.reduction, str(self.label_smoothing),
                   str(self.logit_scale), str(self.softcap), str(self.lse_square_scale),
-                  str(self.return_stats), self.impl, str(self.inplace_backward), dtype,
+                  str(self.return_stats), str(self.differentiable_stats),
+                  str(self.batch_invariant), self.impl, str(self.inplace_backward), dtype,
                   self.backward, str(self.block_size), str(self.n_splits)]
         return ";".join(values)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def decode(text: str) -> LossSpec:
-        (ignore_index, reduction, smoothing, logit_scale, softcap, z_scale, stats, impl, inplace,
-         dtype, backward, block_size, n_splits) = text.split(";")
+        (ignore_index, reduction, smoothing, logit_scale, softcap, z_scale, stats, diff_stats,
+         invariant, impl, inplace, dtype, backward, block_size, n_splits) = text.split(";")
 
         def optional(value: str, kind):
             return None if value == "None" else kind(value)
@@ -123,7 +139,9 @@ class LossSpec:
         return LossSpec(
             ignore_index=int(ignore_index), reduction=reduction, label_smoothing=float(smoothing),
             logit_scale=float(logit_scale), softcap=optional(softcap, float),
-            lse_square_scale=float(z_scale), return_stats=stats == "True", impl=impl,
+            lse_square_scale=float(z_scale), return_stats=stats == "True",
+            differentiable_stats=diff_stats == "True", batch_invariant=invariant == "True",
+            impl=impl,
             inplace_backward=inplace == "True",
             out_dtype=None if dtype == "None" else getattr(torch, dtype), backward=backward,
             block_size=optional(block_size, int), n_splits=optional(n_splits, int))
@@ -147,17 +165,21 @@ class RowResults(NamedTuple):
     lse: Tensor  # (N,) log-sum-exp of the transformed logits
     z_loss: Tensor  # (N,) lse_square_scale * w_t * lse**2, or empty without z-loss
     correct: Tensor  # (N,) 1.0 where the first argmax is the target, or empty without stats
+    entropy: Tensor  # (N,) entropy of softmax(z), or empty without stats
+    argmax: Tensor  # (N,) int64 first argmax (-1 where ignored), or empty without stats
 
 
 class RowStats(NamedTuple):
     """Partial statistics of rows of transformed logits ``z``, P partials per row (chunks of the
     vocabulary, or ranks of a vocabulary-parallel group).
 
-    ``partials`` is (3, N, P) in the accumulation dtype: each partial's max ``m_k``, its sum of
-    ``exp(z - m_k)``, and, with label smoothing, its sum of ``w * (z - ref)`` where ``ref`` is the
+    ``partials`` is (4, N, P) in the accumulation dtype: each partial's max ``m_k``, its sum of
+    ``exp(z - m_k)``, with label smoothing its sum of ``w * (z - ref)`` where ``ref`` is the
     row's anchor logit (``torch_impl.row_anchor``), so that partials of large logits add up without
-    cancellation.  Ignored rows give (most negative finite, 0, 0).  ``argmax`` is (N, P) int32,
-    the first column (global id) reaching ``m_k``, or an empty tensor without statistics.
+    cancellation, and with the entropy (``LossSpec.has_entropy``) its sum of
+    ``exp(z - m_k) * (z - m_k)`` (else 0).  Ignored rows give (most negative finite, 0, 0, 0).
+    ``argmax`` is (N, P) int32, the first column (global id) reaching ``m_k``, or an empty tensor
+    without statistics.
     """
 
     partials: Tensor

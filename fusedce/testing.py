@@ -104,7 +104,8 @@ def _extras_core(x: Tensor, target: Tensor, weight: Tensor | None = None,
                  ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, logit_scale: float = 1.0,
                  softcap: float | None = None, lse_square_scale: float = 0.0,
-                 num_items_in_batch: float | None = None) -> dict[str, Tensor]:
+                 num_items_in_batch: float | None = None, temperature: float = 1.0,
+                 token_weight: Tensor | None = None) -> dict[str, Tensor]:
     """fusedce's loss in float64 from the formulas, on a float64 CPU tensor ``x`` of logits
     (still attached to its graph), with fusedce's options and defaults."""
     t = target.detach().to("cpu").long()
@@ -116,13 +117,19 @@ def _extras_core(x: Tensor, target: Tensor, weight: Tensor | None = None,
     z = x * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    entropy = lse - (p * torch.where(p > 0, z, 0.0)).sum(-1)
     z_t = z.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)
     w_t = w[t_safe]
     eps = label_smoothing
     rows = (1 - eps) * w_t * (lse - z_t) + eps / n_cols * ((lse.unsqueeze(-1) - z) * w).sum(-1)
     z_rows = torch.where(counted, lse_square_scale * w_t * lse**2, 0.0)
     rows = torch.where(counted, rows, 0.0) + z_rows
+    if token_weight is not None:
+        tw = token_weight.detach().to("cpu", torch.float64)
+        rows, z_rows, w_t = rows * tw, z_rows * tw, w_t * tw
     if reduction == "none":
         loss, z_loss = rows, z_rows
     elif reduction == "sum":
@@ -136,7 +143,10 @@ def _extras_core(x: Tensor, target: Tensor, weight: Tensor | None = None,
     hits = ((z.argmax(-1) == t) & counted).sum().double()
     accuracy = hits / n_counted if n_counted else torch.tensor(0.0, dtype=torch.float64)
     return {"loss": loss, "lse": torch.where(counted, lse, 0.0).detach(),
-            "z_loss": z_loss.detach(), "accuracy": accuracy}
+            "z_loss": z_loss.detach(), "accuracy": accuracy,
+            "lse_rows": torch.where(counted, lse, 0.0),
+            "entropy": torch.where(counted, entropy, 0.0),
+            "argmax": torch.where(counted, z.argmax(-1), -1)}
 
 
 def _backward(loss: Tensor, inputs: list[Tensor], grad_output) -> tuple[Tensor, ...]:
@@ -160,17 +170,37 @@ def reference_extras(
     ``z = softcap * tanh(logit_scale * x / softcap)``, ``lse = logsumexp(z)``, per counted row
     ``w_t * (1 - eps) * (lse - z_t) + eps / C * sum_c w_c * (lse - z_c) + lam * w_t * lse**2``,
     reduced by the sum of counted ``w_t`` (or ``num_items_in_batch``) for ``mean``.
-    ``extras``: ``logit_scale``, ``softcap``, ``lse_square_scale``, ``num_items_in_batch``.
+    ``extras``: ``logit_scale``, ``softcap``, ``lse_square_scale``, ``num_items_in_batch``,
+    ``temperature`` (``z`` is then divided by it) and ``token_weight`` (each row's loss and
+    z-loss times it, and the mean's denominator the sum of ``w_t * token_weight``).
 
     Returns:
         A dict with ``loss``, ``lse`` (per row, 0 where ignored), ``z_loss`` (reduced like the
-        loss), ``accuracy`` and ``grad`` (when ``grad_output`` is given).
+        loss), ``accuracy``, ``entropy`` (per row, ``lse - sum p z``, 0 where ignored),
+        ``argmax`` (-1 where ignored), ``lse_rows`` and ``entropy`` still attached to the
+        graph of a float64 copy of ``logits`` (see ``reference_objective``), and ``grad``
+        (when ``grad_output`` is given).
     """
     x = logits.detach().to("cpu", torch.float64).requires_grad_(grad_output is not None)
     out = _extras_core(x, target, weight, ignore_index, reduction, label_smoothing, **extras)
     out["grad"] = _backward(out["loss"], [x], grad_output)[0] if grad_output is not None else None
     out["loss"] = out["loss"].detach()
     return out
+
+
+def reference_objective(logits: Tensor, target: Tensor, coefficients: dict[str, Tensor],
+                        **options) -> dict[str, Tensor]:
+    """The gradient of ``sum(a * loss + b * entropy + c * lse)`` (per-token coefficients
+    ``coefficients = {"loss": a, "entropy": b, "lse": c}``, reduction ``"none"``) in float64,
+    with the rows' loss, lse and entropy (``options`` as in ``reference_extras``)."""
+    x = logits.detach().to("cpu", torch.float64).requires_grad_()
+    out = _extras_core(x, target, reduction="none", **options)
+    objective = sum((coefficients[k].detach().to("cpu", torch.float64) * out[key]).sum()
+                    for k, key in (("loss", "loss"), ("entropy", "entropy"), ("lse", "lse_rows"))
+                    if k in coefficients)
+    (grad,) = torch.autograd.grad(objective, [x])
+    return {"loss": out["loss"].detach(), "lse": out["lse"], "entropy": out["entropy"].detach(),
+            "grad": grad}
 
 
 def reference_linear(

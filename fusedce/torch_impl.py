@@ -76,7 +76,7 @@ def row_stats(
     n_rows, n_cols = logits.shape
     device = logits.device
     acc = accumulation_dtype(logits.dtype)
-    partials = torch.empty(3, n_rows, 1, dtype=acc, device=device)
+    partials = torch.empty(4, n_rows, 1, dtype=acc, device=device)
     argmax = torch.empty((n_rows, 1) if spec.return_stats else (0,), dtype=torch.int32,
                          device=device)
     rows = min(max(1, chunk_elements // max(n_cols, 1)), n_rows)
@@ -95,23 +95,38 @@ def row_stats(
         if spec.has_smoothing:
             ref = row_anchor(x[:, 0], spec)
             sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
-        d = torch.sub(z, m.unsqueeze(1), out=buf).exp_().sum(dim=1)
+        zm = torch.sub(z, m.unsqueeze(1), out=buf)
+        e = torch.zeros_like(m)
+        if spec.has_entropy:
+            zm = zm.clone()
+            e = (torch.exp(zm) * zm).nan_to_num_(0.0, 0.0, 0.0).sum(dim=1)  # -inf logits add 0
+        d = zm.exp_().sum(dim=1)
         partials[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
         partials[1, r0:r1, 0] = torch.where(ignored, 0.0, d)
         partials[2, r0:r1, 0] = torch.where(ignored, 0.0, sz)
+        partials[3, r0:r1, 0] = torch.where(ignored, 0.0, e)
     return RowStats(partials, argmax)
 
 
-def _merge(stats: RowStats) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(N, P) partials -> per row (max m, sum exp(z - m), weighted sum, first argmax)."""
-    pm, pd, psz = stats.partials
+def merge_entropy_sums(pm: Tensor, pd: Tensor, pe: Tensor, m: Tensor) -> Tensor:
+    """Partials' entropy sums ``sum exp(z - m_k) * (z - m_k)`` (N, P), moved to the max ``m``
+    (N,) and added: ``sum_k f_k * (e_k + (m_k - m) * d_k)``, ``f_k = exp(m_k - m)``."""
+    f = torch.exp(pm - m.unsqueeze(1))
+    moved = f * (pe + (pm - m.unsqueeze(1)) * pd)
+    return torch.where(pd > 0, moved, 0.0).sum(dim=1)
+
+
+def _merge(stats: RowStats) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """(N, P) partials -> per row (max m, sum exp(z - m), weighted sum, first argmax, entropy
+    sum)."""
+    pm, pd, psz, pe = stats.partials
     m = pm.amax(dim=1)
     d = (pd * torch.exp(pm - m.unsqueeze(1))).sum(dim=1)
     first = None
     if stats.argmax.numel():
         first = torch.where(pm == m.unsqueeze(1), stats.argmax.long(),
                             torch.iinfo(torch.int64).max).amin(dim=1)
-    return m, d, psz.sum(dim=1), first
+    return m, d, psz.sum(dim=1), first, merge_entropy_sums(pm, pd, pe, m)
 
 
 def ce_fwd(
@@ -126,29 +141,120 @@ def ce_fwd(
     row_stats: RowStats | None = None,
     vocab: VocabSlice | None = None,
     stats_out: Tensor | None = None,
+    stat_grads: tuple[Tensor, Tensor] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> RowResults:
     """Per-row cross-entropy, its extras, and the scaled gradient of the logits, with PyTorch.
-    (Longer than most functions here: one loop over row chunks in four commented phases.)
 
     Arguments and results are those of ``fusedce.kernels.ce_fwd`` (``weight``, ``weight_sum``
     and ``scale`` in the accumulation dtype), except that a target outside ``[0, n_classes)``
     that is not ``spec.ignore_index`` raises ``ValueError`` and that float64 logits are computed
-    in float64.
+    in float64.  With ``spec.batch_invariant`` every chunk of rows is computed at one fixed
+    shape (``_invariant_chunks``).
     """
     n_rows, n_cols = logits.shape
+    check_targets(target, vocab.n_classes if vocab is not None else n_cols, spec.ignore_index)
+    args = (weight, weight_sum, scale, spec)
+    extra = dict(row_stats=row_stats, vocab=vocab, stats_out=stats_out, stat_grads=stat_grads)
+    if spec.batch_invariant and n_rows:
+        return _invariant_chunks(logits, target, grad, args, extra, chunk_elements)
+    return _ce_fwd_rows(logits, target, *args, grad, chunk_elements=chunk_elements, **extra)
+
+
+def _invariant_chunks(logits: Tensor, target: Tensor, grad: Tensor | None, args: tuple,
+                      extra: dict, chunk_elements: int) -> RowResults:
+    """``spec.batch_invariant``: the rows in chunks of one fixed number of rows (set by the
+    number of columns alone), each copied into a fixed scratch padded with ignored rows, so
+    that every PyTorch reduction runs at the same shape and layout whatever the batch (a
+    reduction over one row alone is split across threads, over many rows it is not: the sums
+    differ in their last bits).  Costs a copy of the logits (and of the gradient) through the
+    scratch; results are then bitwise the same for a row wherever it is."""
+    weight, weight_sum, scale, spec = args
+    n_rows, n_cols = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    rows = max(1, chunk_elements // max(n_cols, 1))
+    device = logits.device
+    x_pad = torch.zeros(rows, n_cols, dtype=logits.dtype, device=device)
+    t_pad = torch.full((rows,), spec.ignore_index, dtype=torch.int64, device=device)
+    g_pad = torch.empty(rows, n_cols, dtype=grad.dtype, device=device) \
+        if grad is not None else None
+    stats_out = extra["stats_out"]
+    s_pad = torch.empty(4, rows, 1, dtype=acc, device=device) if stats_out is not None else None
+    outs, cache = [], {}  # (the scratch chunks, reused by every chunk)
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        n = r1 - r0
+        x_pad[:n].copy_(logits[r0:r1])
+        t_pad[:n].copy_(target[r0:r1])
+        t_pad[n:].fill_(spec.ignore_index)
+
+        def pad(v: Tensor | None, dim: int = 0, fill: float = 0.0) -> Tensor | None:
+            if v is None or v.numel() <= 1:
+                return v
+            shape = list(v.shape)
+            shape[dim] = rows
+            out = torch.full(shape, fill, dtype=v.dtype, device=device)
+            out.narrow(dim, 0, n).copy_(v.narrow(dim, r0, n))
+            return out
+
+        stats_in = extra["row_stats"]
+        if stats_in is not None:
+            stats_in = RowStats(pad(stats_in.partials, 1), pad(stats_in.argmax))
+        grads_in = extra["stat_grads"]
+        if grads_in is not None:
+            grads_in = (pad(grads_in[0]), pad(grads_in[1]))
+        out = _ce_fwd_rows(x_pad, t_pad, weight, weight_sum, pad(scale), spec, g_pad,
+                           row_stats=stats_in, vocab=None, stats_out=s_pad,
+                           stat_grads=grads_in, chunk_elements=rows * max(n_cols, 1),
+                           cache=cache)
+        outs.append(RowResults(*(v[:n] for v in out)))
+        if grad is not None:
+            grad[r0:r1].copy_(g_pad[:n])
+        if stats_out is not None:
+            stats_out[:, r0:r1].copy_(s_pad[:, :n])
+    return RowResults(*(torch.cat([getattr(o, f) for o in outs]) for f in RowResults._fields))
+
+
+def _ce_fwd_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_sum: Tensor | None,
+    scale: Tensor | None,
+    spec: LossSpec,
+    grad: Tensor | None,
+    *,
+    row_stats: RowStats | None,
+    vocab: VocabSlice | None,
+    stats_out: Tensor | None,
+    stat_grads: tuple[Tensor, Tensor] | None,
+    chunk_elements: int,
+    cache: dict | None = None,
+) -> RowResults:
+    """``ce_fwd`` over row chunks (``cache``: a dict that keeps the scratch chunks for the next
+    call of the same shape).  (Longer than most functions here: one loop over row chunks in four
+    commented phases.)"""
+    n_rows, n_cols = logits.shape
     n_classes = vocab.n_classes if vocab is not None else n_cols
-    check_targets(target, n_classes, spec.ignore_index)
     device = logits.device
     acc = accumulation_dtype(logits.dtype)
+    n_stats = n_rows if spec.return_stats else 0
     out = RowResults(*(torch.empty(n, dtype=acc, device=device) for n in (
-        n_rows, n_rows, n_rows if spec.has_z_loss else 0, n_rows if spec.return_stats else 0)))
+        n_rows, n_rows, n_rows if spec.has_z_loss else 0, n_stats, n_stats)),
+        torch.empty(n_stats, dtype=torch.int64, device=device))
     if n_rows == 0:
         return out
     merged = _merge(row_stats) if row_stats is not None else None
     eps = float(spec.label_smoothing)
-    in_place, scratch, z_scratch = _buffers(grad, spec, acc, n_rows, n_cols, chunk_elements,
-                                           device)
+    if cache is not None and "buffers" in cache:
+        in_place, scratch, z_scratch, zm_scratch = cache["buffers"]
+    else:
+        in_place, scratch, z_scratch = _buffers(grad, spec, acc, n_rows, n_cols,
+                                               chunk_elements, device)
+        zm_scratch = (torch.empty_like(scratch if scratch is not None else grad, dtype=acc)
+                      if spec.has_entropy and grad is not None else None)
+        if cache is not None:
+            cache["buffers"] = in_place, scratch, z_scratch, zm_scratch
     w_sum = weight_sum if weight is not None else float(n_classes)
     # Per-row target facts, once for all rows (few operations per chunk keep small shapes fast):
     # the target's column here (0 where this slice does not hold it), as a (rows, 1) index.
@@ -161,6 +267,7 @@ def ce_fwd(
         t, ignored = target[r0:r1], ignored_all[r0:r1]
         local, owned = local_all[r0:r1], owned_all[r0:r1]
         buf = grad[r0:r1] if in_place else scratch[: r1 - r0]
+        zm = zm_scratch[: r1 - r0] if zm_scratch is not None else None
 
         # 1. What is needed of the logits before buf (which may be x itself) is overwritten: the
         #    target logit and the anchor logit (transformed alone), the transformed chunk z,
@@ -170,28 +277,33 @@ def ce_fwd(
         ref = row_anchor(x[:, 0], spec) if spec.has_smoothing and vocab is None else None
         z = transform_logits(x, spec, z_scratch[: r1 - r0] if z_scratch is not None else None)
 
-        # 2. nll = lse - z_t and lse (relative to the row max), the smoothing sum, and the
-        #    probabilities into buf.
+        # 2. nll = lse - z_t and lse (relative to the row max), the smoothing sum, the entropy
+        #    sum, and the probabilities into buf.
         if merged is None:
-            nll, lse, m, log_d, sz, smooth, first = _statistics(
-                z, z_t, local, ref, buf, spec, weight, w_sum, grad is not None,
+            nll, lse, m, log_d, sz, smooth, first, e_over_d = _statistics(
+                z, z_t, local, ref, buf, zm, spec, weight, w_sum, grad is not None,
                 stats_out is not None)
         else:
             # Row statistics merged elsewhere (vocabulary parallelism, recomputing backward).
-            m, d, sz, first = (v[r0:r1] if v is not None else None for v in merged)
+            m, d, sz, first, e = (v[r0:r1] if v is not None else None for v in merged)
             log_d = d.log()
+            e_over_d = e / d if spec.has_entropy else None
             if vocab is not None:
                 ref = m  # the merged weighted sum is relative to the merged max
             smooth = w_sum * (log_d + (m - ref)) - sz if eps > 0.0 else None
             nll, lse = (m - z_t) + log_d, m + log_d
+            if zm is not None:
+                torch.sub(z, m.unsqueeze(1), out=zm)  # before buf (maybe z) is overwritten
             if grad is not None and vocab is None:
                 torch._softmax(z, 1, False, out=buf)  # p, in one fused pass (whole rows here)
             elif grad is not None:
                 torch.sub(z, m.unsqueeze(1), out=buf).sub_(log_d.unsqueeze(1)).exp_()  # p
         if stats_out is not None:
-            _store_stats(stats_out, r0, r1, ignored, m, log_d, sz)
+            _store_stats(stats_out, r0, r1, ignored, m, log_d, sz, e_over_d)
         if spec.return_stats:
             out.correct[r0:r1] = ((first == t) & ~ignored).to(acc)
+            out.entropy[r0:r1] = log_d - e_over_d
+            out.argmax[r0:r1] = torch.where(ignored, -1, first)
 
         # 3. The loss, relative to the row max.
         w_t = 1.0 if weight is None else (vocab.target_weight[r0:r1].to(acc) if vocab is not None
@@ -201,11 +313,14 @@ def ce_fwd(
         # 4. The gradient: scale * (a * p - b * onehot(t) - s * w) * dz/dx, zero when ignored.
         if grad is None:
             continue
+        entropy_part = None
+        if stat_grads is not None:
+            entropy_part = (zm, e_over_d, stat_grads[0][r0:r1], stat_grads[1][r0:r1])
         _gradient_chunk(buf, z, spec, ignored, owned, local, w_t, weight, w_sum, n_classes,
-                        scale if scale.numel() == 1 else scale[r0:r1], lse)
+                        scale if scale.numel() == 1 else scale[r0:r1], lse, entropy_part)
         if not in_place:
             grad[r0:r1].copy_(buf)
-    for rows in out[:3]:
+    for rows in (out.loss, out.lse, out.z_loss, out.entropy):
         if rows.numel():
             rows.masked_fill_(ignored_all, 0.0)  # exact zeros for ignored rows, even for NaN
     return out
@@ -228,14 +343,16 @@ def _buffers(grad: Tensor | None, spec: LossSpec, acc: torch.dtype, n_rows: int,
 
 
 def _statistics(z: Tensor, z_t: Tensor, local: Tensor, ref: Tensor | None, buf: Tensor,
-                spec: LossSpec, weight: Tensor | None, w_sum, compute_grad: bool,
-                need_max: bool):
-    """(nll, lse, m, log d, smoothing sum relative to ``ref``, smoothing term, first argmax) of
-    a chunk of transformed logits ``z``, with ``nll = lse - z_t`` formed relative to the row max;
-    with ``compute_grad`` the probabilities are left in ``buf``.  ``m`` and ``log d`` (and the
-    smoothing sum) are None in the loss-only pass unless ``need_max``."""
+                zm: Tensor | None, spec: LossSpec, weight: Tensor | None, w_sum,
+                compute_grad: bool, need_max: bool):
+    """(nll, lse, m, log d, smoothing sum relative to ``ref``, smoothing term, first argmax,
+    e / d = sum_c p_c (z_c - m)) of a chunk of transformed logits ``z``, with ``nll = lse - z_t``
+    formed relative to the row max; with ``compute_grad`` the probabilities are left in ``buf``
+    (and ``z - m`` in ``zm`` when the entropy is tracked).  ``m`` and ``log d`` (and the
+    smoothing sum) are None in the loss-only pass unless ``need_max``; ``e / d`` is None unless
+    the entropy is tracked."""
     first = z.argmax(dim=1) if spec.return_stats else None
-    m = log_d = sz = smooth = None
+    m = log_d = sz = smooth = e_over_d = None
     if not compute_grad:
         # The loss alone: one fused log-softmax pass (computed relative to the max by PyTorch):
         # nll = -log_softmax(z)_t exactly, and the smoothing term -sum_c w_c log_softmax(z)_c.
@@ -243,12 +360,18 @@ def _statistics(z: Tensor, z_t: Tensor, local: Tensor, ref: Tensor | None, buf: 
         nll = -buf.gather(1, local).squeeze(1)
         if spec.has_smoothing:
             smooth = -_weighted_row_sum(buf, weight)  # sum_c w_c * (lse - z_c)
-        if need_max:
+        if need_max or spec.has_entropy:
             m, log_d = z.amax(dim=1), -buf.amax(dim=1)
             if spec.has_smoothing:
                 sz = w_sum * (log_d + (m - ref)) - smooth
-        return nll, z_t + nll, m, log_d, sz, smooth, first
+        if spec.has_entropy:
+            # H = -sum p log p with log p = log_softmax(z); e / d = log d - H.
+            p_log_p = torch.exp(buf).mul_(buf).nan_to_num_(0.0, 0.0, 0.0)  # -inf logits add 0
+            e_over_d = log_d + p_log_p.sum(dim=1)
+        return nll, z_t + nll, m, log_d, sz, smooth, first, e_over_d
     m = z.amax(dim=1)
+    if zm is not None:
+        torch.sub(z, m.unsqueeze(1), out=zm)  # before buf (maybe z itself) is overwritten
     z_soft = z
     if spec.has_smoothing:
         sz = _weighted_row_sum(torch.sub(z, ref.unsqueeze(1), out=buf), weight)
@@ -256,17 +379,22 @@ def _statistics(z: Tensor, z_t: Tensor, local: Tensor, ref: Tensor | None, buf: 
     # Softmax in one fused pass; its largest entry 1/d gives log d exactly.
     torch._softmax(z_soft, 1, False, out=buf)
     log_d = -buf.amax(dim=1).log()
+    if zm is not None:
+        e_over_d = torch.where(buf > 0, buf * zm, 0.0).sum(dim=1)  # -inf logits add 0
     if spec.has_smoothing:
         smooth = w_sum * (log_d + (m - ref)) - sz
-    return (m - z_t) + log_d, m + log_d, m, log_d, sz, smooth, first
+    return (m - z_t) + log_d, m + log_d, m, log_d, sz, smooth, first, e_over_d
 
 
 def _store_stats(stats_out: Tensor, r0: int, r1: int, ignored: Tensor, m, log_d,
-                 sz: Tensor | None) -> None:
+                 sz: Tensor | None, e_over_d: Tensor | None) -> None:
     """Rows r0:r1 of the per-row statistics a recomputing pass takes back (``RowStats``)."""
+    d = log_d.exp()
     stats_out[0, r0:r1, 0] = torch.where(ignored, torch.finfo(torch.float32).min, m)
-    stats_out[1, r0:r1, 0] = torch.where(ignored, 0.0, log_d.exp())
+    stats_out[1, r0:r1, 0] = torch.where(ignored, 0.0, d)
     stats_out[2, r0:r1, 0] = torch.where(ignored, 0.0, sz) if sz is not None else 0.0
+    stats_out[3, r0:r1, 0] = torch.where(ignored, 0.0, e_over_d * d) \
+        if e_over_d is not None else 0.0
 
 
 def _store_loss(out: RowResults, r0: int, r1: int, spec: LossSpec, w_t, nll, lse, smooth,
@@ -286,8 +414,10 @@ def _store_loss(out: RowResults, r0: int, r1: int, spec: LossSpec, w_t, nll, lse
 
 def _gradient_chunk(buf: Tensor, z: Tensor, spec: LossSpec, ignored: Tensor, owned: Tensor,
                     local: Tensor, w_t, weight: Tensor | None, w_sum, n_classes: int,
-                    scale: Tensor, lse: Tensor) -> None:
-    """Turn the probabilities in ``buf`` into the scaled gradient of the logits, in place."""
+                    scale: Tensor, lse: Tensor, entropy_part) -> None:
+    """Turn the probabilities in ``buf`` into the scaled gradient of the logits, in place.
+    ``entropy_part``: None, or ``(z - m, e / d, lse gradient, entropy gradient)`` of the rows,
+    whose terms ``g_lse * p_c - g_H * p_c * (z_c - mu)`` are added."""
     eps = float(spec.label_smoothing)
     row_scale = torch.where(ignored, 0.0, scale)
     b = row_scale * (1.0 - eps) * w_t
@@ -295,7 +425,13 @@ def _gradient_chunk(buf: Tensor, z: Tensor, spec: LossSpec, ignored: Tensor, own
     a = b + s * w_sum
     if spec.has_z_loss:
         a = a + row_scale * 2.0 * spec.lse_square_scale * w_t * torch.where(ignored, 0.0, lse)
-    buf.mul_(a.unsqueeze(1))
+    if entropy_part is None:
+        buf.mul_(a.unsqueeze(1))
+    else:
+        zm, e_over_d, g_lse, g_h = entropy_part
+        # p * (a + g_lse - g_H * ((z - m) - e / d)), built in zm.
+        zm.sub_(e_over_d.unsqueeze(1)).mul_(-g_h.unsqueeze(1)).add_((a + g_lse).unsqueeze(1))
+        buf.mul_(zm)
     buf.scatter_add_(1, local, torch.where(owned, -b, 0.0).unsqueeze(1).to(buf.dtype))
     if eps > 0.0:
         if weight is not None:
@@ -318,5 +454,5 @@ def ce_bwd(grad: Tensor, grad_output: Tensor) -> None:
     grad.mul_(factor)
 
 
-__all__ = ["CHUNK_ELEMENTS", "ce_bwd", "ce_fwd", "check_targets", "row_anchor", "row_stats",
-           "transform_logits"]
+__all__ = ["CHUNK_ELEMENTS", "ce_bwd", "ce_fwd", "check_targets", "merge_entropy_sums",
+           "row_anchor", "row_stats", "transform_logits"]

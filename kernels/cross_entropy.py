@@ -54,6 +54,7 @@ def launch_config(
     *,
     block_size: int | None = None,
     n_splits: int | None = None,
+    batch_invariant: bool = False,
 ) -> LaunchConfig:
     """Choose block size, warps and vocabulary split for an ``(n_rows, n_cols)`` problem.
 
@@ -64,7 +65,9 @@ def launch_config(
     ``bench/model`` shows the figures).  The vocabulary is split across programs only when
     there are fewer than four rows per SM, so that every SM gets work; a chunk is never smaller
     than four blocks.  ``block_size`` and ``n_splits`` override the heuristic (tests use them to
-    reach the multi-block and split paths at small sizes).
+    reach the multi-block and split paths at small sizes).  ``batch_invariant`` never splits by
+    the row count: the tiling then depends on ``n_cols`` (and the overrides) alone, so a row's
+    results do not depend on how many rows there are.
     """
     if block_size is None:
         block_size = min(triton.next_power_of_2(max(n_cols, 1)), 16384)
@@ -74,7 +77,7 @@ def launch_config(
     if n_splits is None:
         target_programs = 4 * _num_sms(device)
         n_splits = 1
-        if n_rows < target_programs:
+        if n_rows < target_programs and not batch_invariant:
             n_splits = max(1, min(triton.cdiv(target_programs, max(n_rows, 1)), n_blocks // 4))
     elif n_splits < 1:
         raise ValueError(f"n_splits must be at least 1, got {n_splits}")
@@ -89,7 +92,14 @@ def launch_config(
 def _flags(weight: torch.Tensor | None, spec: LossSpec) -> dict:
     return dict(HAS_WEIGHT=weight is not None, HAS_SMOOTHING=spec.has_smoothing,
                 HAS_SCALE=spec.has_scale, HAS_SOFTCAP=spec.has_softcap,
-                RETURN_STATS=spec.return_stats)
+                RETURN_STATS=spec.return_stats, HAS_ENTROPY=spec.has_entropy)
+
+
+def _config(logits: torch.Tensor, spec: LossSpec, n_splits: int | None = None) -> LaunchConfig:
+    n_rows, n_cols = logits.shape
+    return launch_config(n_rows, n_cols, logits.device, block_size=spec.block_size,
+                         n_splits=n_splits if n_splits is not None else spec.n_splits,
+                         batch_invariant=spec.batch_invariant)
 
 
 def _options(spec: LossSpec) -> dict:
@@ -119,9 +129,8 @@ def ce_row_stats(
     """
     n_rows, n_cols = logits.shape
     device = logits.device
-    cfg = launch_config(n_rows, n_cols, device, block_size=spec.block_size,
-                        n_splits=n_splits if n_splits is not None else spec.n_splits)
-    partials = torch.empty(3, n_rows, cfg.n_splits, dtype=torch.float32, device=device)
+    cfg = _config(logits, spec, n_splits)
+    partials = torch.empty(4, n_rows, cfg.n_splits, dtype=torch.float32, device=device)
     argmax = torch.empty((n_rows, cfg.n_splits) if spec.return_stats else (0,),
                          dtype=torch.int32, device=device)
     if n_rows:
@@ -149,8 +158,10 @@ def _empty_results(n_rows: int, spec: LossSpec, device: torch.device) -> RowResu
     def f32(n: int) -> torch.Tensor:
         return torch.empty(n, dtype=torch.float32, device=device)
 
+    stats = n_rows if spec.return_stats else 0
     return RowResults(f32(n_rows), f32(n_rows), f32(n_rows if spec.has_z_loss else 0),
-                      f32(n_rows if spec.return_stats else 0))
+                      f32(stats), f32(stats), torch.empty(stats, dtype=torch.int64,
+                                                          device=device))
 
 
 def ce_fwd(
@@ -165,6 +176,7 @@ def ce_fwd(
     row_stats: RowStats | None = None,
     vocab: VocabSlice | None = None,
     stats_out: torch.Tensor | None = None,
+    stat_grads: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RowResults:
     """Per-row cross-entropy, its extras, and the gradient of the logits in the same launch.
     (Long because the launch names every kernel argument, one per line.)
@@ -184,8 +196,11 @@ def ce_fwd(
         row_stats: the rows' statistics, already known (merged in order, in the launch that
             writes the gradient); None computes them here.
         vocab: vocabulary parallelism (``row_stats`` then required, merged over the ranks).
-        stats_out: a (3, N, 1) float32 tensor to receive each row's merged statistics (the
+        stats_out: a (4, N, 1) float32 tensor to receive each row's merged statistics (the
             ``row_stats`` a later recomputing pass takes), or None.
+        stat_grads: (N,) float32 incoming gradients of each row's lse and entropy, added to
+            the gradient (``spec.differentiable_stats``, with ``row_stats`` from a pass that
+            tracked the entropy), or None.
 
     Returns:
         ``RowResults`` in float32.
@@ -197,8 +212,7 @@ def ce_fwd(
     out = _empty_results(n_rows, spec, device)
     if n_rows == 0:
         return out
-    cfg = launch_config(n_rows, n_cols, device, block_size=spec.block_size,
-                        n_splits=spec.n_splits)
+    cfg = _config(logits, spec)
     if row_stats is None and cfg.n_splits > 1:
         row_stats = ce_row_stats(logits, target, weight, spec, n_splits=cfg.n_splits)
     merge = row_stats is not None
@@ -220,7 +234,11 @@ def ce_fwd(
         lse_ptr=out.lse,
         z_loss_ptr=out.z_loss if spec.has_z_loss else dummy,
         correct_ptr=out.correct if spec.return_stats else dummy,
+        entropy_ptr=out.entropy if spec.return_stats else dummy,
+        argmax_ptr=out.argmax if spec.return_stats else dummy,
         stats_ptr=stats_out if stats_out is not None else dummy,
+        lse_grad_ptr=stat_grads[0] if stat_grads is not None else dummy,
+        entropy_grad_ptr=stat_grads[1] if stat_grads is not None else dummy,
         grad_ptr=grad if compute_grad else logits,
         stride_logits_row=logits.stride(0),
         stride_grad_row=grad.stride(0) if compute_grad else 0,
@@ -241,6 +259,7 @@ def ce_fwd(
         HAS_ZLOSS=spec.has_z_loss,
         STORE_STATS=stats_out is not None,
         COMPUTE_GRAD=compute_grad,
+        HAS_STAT_GRADS=stat_grads is not None,
         num_warps=cfg.num_warps,
         **_options(spec),
         **_flags(weight, spec),

@@ -20,6 +20,12 @@ large common offset of the logits costs no precision, and ties stay ties)::
                  - (1 - eps) * w_t * [c == t] - (eps / C) * w_c
     dz_c/dx_c  = logit_scale * (1 - tanh^2(logit_scale * x_c / c))   (logit_scale without softcap)
 
+(A sampling temperature ``T`` is folded into these by the host: ``softcap(s * x) / T`` is
+the transform with scale ``s / T`` and cap ``c / T``.)  With the statistics, each row's entropy
+``H = lse - sum_c p_c z_c = log d - e / d`` comes from one more running sum
+``e = sum_c exp(z_c - m) * (z_c - m)``; its gradient, and the log-sum-exp's, are
+``dH/dz_c = -p_c * (z_c - mu)`` with ``mu = sum_c p_c z_c = m + e / d``, and ``dlse/dz_c = p_c``.
+
 Without smoothing and z-loss this is ``w_t * (lse - z_t)``; the smoothing term is PyTorch's
 ``-(eps / C) * sum_c w_c * log_softmax(z)_c``, its sum taken relative to the row's anchor
 logit ``ref`` (its first transformed logit when finite, else 0) so that it adds up without
@@ -81,10 +87,11 @@ def _row_anchor(row_ptr, read, logit_scale, softcap, HAS_SCALE: tl.constexpr,
 
 
 @triton.jit
-def _stats_step(row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, i_vec,
+def _stats_step(row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, i_vec, e_vec,
                 logit_scale, softcap, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
+                HAS_ENTROPY: tl.constexpr):
     """One block of the online statistics: columns [start, start + BLOCK_SIZE), masked at
     ``col_end`` only for the tail block (full blocks load without predicates)."""
     offs = start + tl.arange(0, BLOCK_SIZE)
@@ -100,6 +107,13 @@ def _stats_step(row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, 
     # raise the lane's max, and the old sum's rescaling factor when it does.
     t = tl.math.exp2(tl.abs(z - m_vec) * _NEG_LOG2E)
     grow = z > m_vec
+    if HAS_ENTROPY:
+        # e = sum exp(z - m) * (z - m): a growing max moves the old sum to the new max,
+        # e' = t * (e - delta * d) (the new element adds 0); otherwise the element adds
+        # t * delta (0 for a -inf or masked logit, whose t is 0).
+        delta = z - m_vec
+        moved = t * (e_vec - tl.where(d_vec > 0.0, delta * d_vec, 0.0))
+        e_vec = tl.where(grow, moved, e_vec + tl.where(t > 0.0, t * delta, 0.0))
     d_vec = tl.where(grow, d_vec * t + 1.0, d_vec + t)
     if RETURN_STATS:
         # Columns grow along a lane, so a strict > keeps each lane's first maximum.
@@ -115,7 +129,14 @@ def _stats_step(row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, 
             else:
                 zr *= tl.load(weight_ptr + offs)
         sz_vec += zr
-    return m_vec, d_vec, sz_vec, i_vec
+    return m_vec, d_vec, sz_vec, i_vec, e_vec
+
+
+@triton.jit
+def _lane_entropy_sum(m_vec, d_vec, e_vec, m):
+    """Lanes' (or partials') sums e_k relative to their own max m_k, moved to the max m."""
+    f = tl.math.exp2((m_vec - m) * _LOG2E)
+    return tl.sum(tl.where(d_vec > 0.0, f * (e_vec + (m_vec - m) * d_vec), 0.0), axis=0)
 
 
 @triton.jit
@@ -133,38 +154,44 @@ def _row_chunk_stats(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     RETURN_STATS: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
 ):
-    """Online (max m, sum exp(z - m), sum w*(z - ref), first argmax) over [col_start, col_end):
-    full blocks unmasked, then the tail block masked."""
+    """Online (max m, sum exp(z - m), sum w*(z - ref), first argmax, sum exp(z - m)*(z - m))
+    over [col_start, col_end): full blocks unmasked, then the tail block masked."""
     m_vec = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
     d_vec = tl.zeros([BLOCK_SIZE], tl.float32)
     sz_vec = tl.zeros([BLOCK_SIZE], tl.float32)
     i_vec = tl.full([BLOCK_SIZE], _MAX_I32, tl.int32)
+    e_vec = tl.zeros([BLOCK_SIZE], tl.float32)
     full_end = col_start + tl.maximum(col_end - col_start, 0) // BLOCK_SIZE * BLOCK_SIZE
     for start in range(col_start, full_end, BLOCK_SIZE):
-        m_vec, d_vec, sz_vec, i_vec = _stats_step(
-            row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, i_vec, logit_scale,
-            softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=False, HAS_WEIGHT=HAS_WEIGHT,
+        m_vec, d_vec, sz_vec, i_vec, e_vec = _stats_step(
+            row_ptr, weight_ptr, start, col_end, ref, m_vec, d_vec, sz_vec, i_vec, e_vec,
+            logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=False, HAS_WEIGHT=HAS_WEIGHT,
             HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
-            RETURN_STATS=RETURN_STATS)
+            RETURN_STATS=RETURN_STATS, HAS_ENTROPY=HAS_ENTROPY)
     if full_end < col_end:
-        m_vec, d_vec, sz_vec, i_vec = _stats_step(
-            row_ptr, weight_ptr, full_end, col_end, ref, m_vec, d_vec, sz_vec, i_vec,
+        m_vec, d_vec, sz_vec, i_vec, e_vec = _stats_step(
+            row_ptr, weight_ptr, full_end, col_end, ref, m_vec, d_vec, sz_vec, i_vec, e_vec,
             logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=True, HAS_WEIGHT=HAS_WEIGHT,
             HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
-            RETURN_STATS=RETURN_STATS)
+            RETURN_STATS=RETURN_STATS, HAS_ENTROPY=HAS_ENTROPY)
     m = tl.max(m_vec, axis=0)
     d = tl.sum(d_vec * tl.math.exp2((m_vec - m) * _LOG2E), axis=0)
     sz = tl.sum(sz_vec, axis=0)
     idx = tl.min(tl.where(m_vec == m, i_vec, _MAX_I32), axis=0)
-    return m, d, sz, idx
+    e = 0.0
+    if HAS_ENTROPY:
+        e = _lane_entropy_sum(m_vec, d_vec, e_vec, m)
+    return m, d, sz, idx, e
 
 
 @triton.jit
 def _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
-                    PARTIAL_BLOCK: tl.constexpr, RETURN_STATS: tl.constexpr):
-    """Merge a row's partial (max, sum exp, weighted sum, argmax), always in the same order, so
-    results are bitwise reproducible."""
+                    PARTIAL_BLOCK: tl.constexpr, RETURN_STATS: tl.constexpr,
+                    HAS_ENTROPY: tl.constexpr):
+    """Merge a row's partial (max, sum exp, weighted sum, argmax, entropy sum), always in the
+    same order, so results are bitwise reproducible."""
     s = tl.arange(0, PARTIAL_BLOCK)
     smask = s < n_partials
     part = row * n_partials + s
@@ -178,7 +205,11 @@ def _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
     if RETURN_STATS:
         i_part = tl.load(partial_idx_ptr + part, mask=smask, other=_MAX_I32)
         idx = tl.min(tl.where(m_part == m, i_part, _MAX_I32), axis=0)
-    return m, d, sz, idx
+    e = 0.0
+    if HAS_ENTROPY:
+        e_part = tl.load(partial_ptr + 3 * plane + part, mask=smask, other=0.0)
+        e = _lane_entropy_sum(m_part, d_part, e_part, m)
+    return m, d, sz, idx, e
 
 
 @triton.jit
@@ -209,12 +240,18 @@ def _target_terms(row_ptr, weight_ptr, weight_sum_ptr, target_logit_ptr, target_
 
 
 @triton.jit
-def _grad_values(x, m, log_d, a, s, w, logit_scale, softcap, HAS_SMOOTHING: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def _grad_values(x, m, log_d, a, s, w, beta, e_over_d, logit_scale, softcap,
+                 HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_STAT_GRADS: tl.constexpr):
     """(a * p - s * w) * dz/dx with p = exp((z - m) - log d): the gradient of every column
-    but the target's, which also gets -b * dz/dx."""
+    but the target's, which also gets -b * dz/dx.  With the statistics' gradients ``a`` becomes
+    ``a + beta * (z - mu)``, ``z - mu = (z - m) - e / d`` (the entropy's term)."""
     z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-    g = a * tl.math.exp2((z - m) * _LOG2E - log_d * _LOG2E)
+    p = tl.math.exp2((z - m) * _LOG2E - log_d * _LOG2E)
+    if HAS_STAT_GRADS:
+        g = (a + beta * ((z - m) - e_over_d)) * p
+    else:
+        g = a * p
     if HAS_SMOOTHING:
         g -= s * w
     return _chain(g, z, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
@@ -232,10 +269,10 @@ def _chain(g, z, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.
 
 
 @triton.jit
-def _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s, logit_scale,
-               softcap, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+def _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s, beta,
+               e_over_d, logit_scale, softcap, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, HAS_STAT_GRADS: tl.constexpr):
     """One block of the gradient: columns [start, start + BLOCK_SIZE), masked at ``col_end``
     only for the tail block."""
     offs = start + tl.arange(0, BLOCK_SIZE)
@@ -250,8 +287,9 @@ def _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s
             w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
         else:
             w = tl.load(weight_ptr + offs)
-    g = _grad_values(x, m, log_d, a, s, w, logit_scale, softcap, HAS_SMOOTHING=HAS_SMOOTHING,
-                     HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP)
+    g = _grad_values(x, m, log_d, a, s, w, beta, e_over_d, logit_scale, softcap,
+                     HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
+                     HAS_STAT_GRADS=HAS_STAT_GRADS)
     if MASKED:
         tl.store(grad_row_ptr + offs, g.to(grad_row_ptr.dtype.element_ty), mask=mask)
     else:
@@ -260,22 +298,23 @@ def _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s
 
 @triton.jit
 def _write_grad_chunk(row_ptr, grad_row_ptr, weight_ptr, col_start, col_end, m, log_d, a, s,
-                      logit_scale, softcap, BLOCK_SIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr):
+                      beta, e_over_d, logit_scale, softcap, BLOCK_SIZE: tl.constexpr,
+                      HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      HAS_STAT_GRADS: tl.constexpr):
     """Write (a * p_c - s * w_c) * dz_c/dx_c over [col_start, col_end): full blocks unmasked,
     then the tail block masked.  (The target column's -b term is written afterwards.)"""
     full_end = col_start + (col_end - col_start) // BLOCK_SIZE * BLOCK_SIZE
     for start in range(col_start, full_end, BLOCK_SIZE):
-        _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s,
-                   logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=False,
+        _grad_step(row_ptr, grad_row_ptr, weight_ptr, start, col_end, m, log_d, a, s, beta,
+                   e_over_d, logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=False,
                    HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE,
-                   HAS_SOFTCAP=HAS_SOFTCAP)
+                   HAS_SOFTCAP=HAS_SOFTCAP, HAS_STAT_GRADS=HAS_STAT_GRADS)
     if full_end < col_end:
-        _grad_step(row_ptr, grad_row_ptr, weight_ptr, full_end, col_end, m, log_d, a, s,
-                   logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=True,
+        _grad_step(row_ptr, grad_row_ptr, weight_ptr, full_end, col_end, m, log_d, a, s, beta,
+                   e_over_d, logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, MASKED=True,
                    HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE,
-                   HAS_SOFTCAP=HAS_SOFTCAP)
+                   HAS_SOFTCAP=HAS_SOFTCAP, HAS_STAT_GRADS=HAS_STAT_GRADS)
 
 
 @triton.jit
@@ -308,6 +347,7 @@ def ce_stats_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     RETURN_STATS: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
 ):
     """Partial statistics of each row, one program per (row, vocabulary chunk); reads each
     counted row's logits once and writes nothing logits-sized.
@@ -316,8 +356,9 @@ def ce_stats_kernel(
         logits_ptr: (n_rows, n_cols) fp32/bf16/fp16 logits, unit column stride.
         target_ptr: (n_rows,) int64 class ids (global ids under vocabulary parallelism).
         weight_ptr: (n_cols,) fp32 class weights of these columns, read when HAS_WEIGHT.
-        partial_ptr: (3, n_rows, n_splits) fp32 out: chunk max m_k, sum exp(z - m_k), and sum
-            w * (z - ref) (0 without smoothing; ref: ``_row_anchor`` of this row).
+        partial_ptr: (4, n_rows, n_splits) fp32 out: chunk max m_k, sum exp(z - m_k), sum
+            w * (z - ref) (0 without smoothing; ref: ``_row_anchor`` of this row), and sum
+            exp(z - m_k) * (z - m_k) (0 without HAS_ENTROPY).
         partial_idx_ptr: (n_rows, n_splits) int32 out: the chunk's first argmax (column of these
             logits), written when RETURN_STATS.
         stride_logits_row: elements between rows.
@@ -327,6 +368,7 @@ def ce_stats_kernel(
         BLOCK_SIZE: columns per load, a power of two.
         HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP: which options are on.
         RETURN_STATS: also find each chunk's first argmax (token accuracy).
+        HAS_ENTROPY: also sum exp(z - m_k) * (z - m_k) (the entropy).
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)  # columns are int32 offsets from the row's 64-bit start
@@ -334,17 +376,18 @@ def ce_stats_kernel(
     ignored = tl.load(target_ptr + row).to(tl.int64) == ignore_index
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
-    # 1. Ignored rows read nothing: an empty chunk leaves (m, d, sz) = (min, 0, 0).
+    # 1. Ignored rows read nothing: an empty chunk leaves (m, d, sz, e) = (min, 0, 0, 0).
     col_end = tl.where(ignored, col_start, col_end)
     ref = 0.0
     if HAS_SMOOTHING:
         ref = _row_anchor(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
                           HAS_SCALE, HAS_SOFTCAP)
     # 2. One pass over the chunk.
-    m, d, sz, idx = _row_chunk_stats(
+    m, d, sz, idx, e = _row_chunk_stats(
         row_ptr, weight_ptr, col_start, col_end, ref, logit_scale, softcap,
         BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
         HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP, RETURN_STATS=RETURN_STATS,
+        HAS_ENTROPY=HAS_ENTROPY,
     )
     # 3. The partials, plane by plane.
     out = row * n_splits + split
@@ -352,6 +395,7 @@ def ce_stats_kernel(
     tl.store(partial_ptr + out, m)
     tl.store(partial_ptr + plane + out, d)
     tl.store(partial_ptr + 2 * plane + out, sz)
+    tl.store(partial_ptr + 3 * plane + out, e)
     if RETURN_STATS:
         tl.store(partial_idx_ptr + out, idx)
 
@@ -371,7 +415,11 @@ def ce_fwd_kernel(
     lse_ptr,
     z_loss_ptr,
     correct_ptr,
+    entropy_ptr,
+    argmax_ptr,
     stats_ptr,
+    lse_grad_ptr,
+    entropy_grad_ptr,
     grad_ptr,
     stride_logits_row,
     stride_grad_row,
@@ -399,6 +447,8 @@ def ce_fwd_kernel(
     RETURN_STATS: tl.constexpr,
     STORE_STATS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_STAT_GRADS: tl.constexpr,
 ):
     """Loss, log-sum-exp, extras and the gradient of the logits in one launch: one program per
     (row, vocabulary chunk).  (Long for its argument list, one per line, and this Args block;
@@ -411,7 +461,7 @@ def ce_fwd_kernel(
         weight_sum_ptr: (1,) fp32 sum of all n_classes class weights, read when HAS_WEIGHT.
         scale_ptr: (1,) or (n_rows,) fp32 factor of the gradient (the reduction's 1/denominator,
             times a per-row grad_output for a recomputing backward), read when COMPUTE_GRAD.
-        partial_ptr, partial_idx_ptr: (3, n_rows, n_partials) fp32 and (n_rows, n_partials)
+        partial_ptr, partial_idx_ptr: (4, n_rows, n_partials) fp32 and (n_rows, n_partials)
             int32 row statistics (``ce_stats_kernel``'s layout) read instead of a pass over the
             row when MERGE.  Under VOCAB_PARALLEL their weighted sums are relative to the merged
             max instead of the row's anchor.
@@ -420,9 +470,13 @@ def ce_fwd_kernel(
         loss_ptr: (n_rows,) fp32 out, z-loss included; lse_ptr: (n_rows,) fp32 out.
         z_loss_ptr: (n_rows,) fp32 out lam * w_t * lse^2, written when HAS_ZLOSS.
         correct_ptr: (n_rows,) fp32 out, 1.0 where the first argmax is the target, RETURN_STATS.
-        stats_ptr: (3, n_rows, 1) fp32 out, each row's merged (m, d, weighted sum) in
-            ``ce_stats_kernel``'s layout, written when STORE_STATS (for a recomputing
+        entropy_ptr: (n_rows,) fp32 out, the entropy of softmax(z), 0 where ignored, and
+        argmax_ptr: (n_rows,) int64 out, the first argmax (-1 where ignored): RETURN_STATS.
+        stats_ptr: (4, n_rows, 1) fp32 out, each row's merged (m, d, weighted sum, entropy sum)
+            in ``ce_stats_kernel``'s layout, written when STORE_STATS (for a recomputing
             backward, which passes them back with MERGE).
+        lse_grad_ptr, entropy_grad_ptr: (n_rows,) fp32 incoming gradients of each row's lse and
+            entropy, added to the gradient when HAS_STAT_GRADS (MERGE with HAS_ENTROPY).
         grad_ptr: (n_rows, n_cols) out, the logits' dtype, unit column stride, may alias
             logits_ptr (each element is read before the same program writes it); COMPUTE_GRAD.
         stride_scale: 0 for one scale, 1 for one per row.
@@ -433,6 +487,7 @@ def ce_fwd_kernel(
         ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale: the options.
         HAS_*, RETURN_STATS: which options are on; STORE_STATS: write stats_ptr;
         COMPUTE_GRAD: write the gradient.
+        HAS_ENTROPY: track the entropy sum; HAS_STAT_GRADS: add the statistics' gradients.
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)  # columns are int32 offsets from the row's 64-bit start
@@ -444,24 +499,30 @@ def ce_fwd_kernel(
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
 
-    # 1. The row's statistics: max m, d = sum exp(z - m), weighted sum, first argmax.
+    # 1. The row's statistics: max m, d = sum exp(z - m), weighted sum, first argmax, entropy
+    #    sum e = sum exp(z - m) * (z - m).
     ref = 0.0
     if HAS_SMOOTHING and not VOCAB_PARALLEL:
         ref = _row_anchor(row_ptr, (n_cols > 0) & (~ignored), logit_scale, softcap,
                           HAS_SCALE, HAS_SOFTCAP)
     if MERGE:
-        m, d, sz, idx = _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows, n_partials,
-                                        PARTIAL_BLOCK=PARTIAL_BLOCK, RETURN_STATS=RETURN_STATS)
+        m, d, sz, idx, e = _merge_partials(partial_ptr, partial_idx_ptr, row, n_rows,
+                                           n_partials, PARTIAL_BLOCK=PARTIAL_BLOCK,
+                                           RETURN_STATS=RETURN_STATS, HAS_ENTROPY=HAS_ENTROPY)
         if VOCAB_PARALLEL:
             ref = m  # the merged weighted sum is relative to the merged max
     else:
-        m, d, sz, idx = _row_chunk_stats(
+        m, d, sz, idx, e = _row_chunk_stats(
             row_ptr, weight_ptr, 0, tl.where(ignored, 0, n_cols), ref, logit_scale, softcap,
             BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
             HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP, RETURN_STATS=RETURN_STATS,
+            HAS_ENTROPY=HAS_ENTROPY,
         )
     log_d = tl.log(d)
     lse = m + log_d
+    e_over_d = 0.0
+    if HAS_ENTROPY:
+        e_over_d = tl.where(ignored, 0.0, e / d)  # sum_c p_c * (z_c - m)
 
     # 2. The loss, relative to the row max.  The target logit is one scalar load, masked unless
     #    the target is in range.
@@ -484,13 +545,18 @@ def ce_fwd_kernel(
             tl.store(z_loss_ptr + row, z_loss)
         if RETURN_STATS:
             tl.store(correct_ptr + row, tl.where(read_t & (idx == target), 1.0, 0.0))
+            tl.store(entropy_ptr + row, tl.where(ignored, 0.0, log_d - e_over_d))
+            tl.store(argmax_ptr + row, tl.where(ignored, -1, idx.to(tl.int64)))
         if STORE_STATS:
             tl.store(stats_ptr + row, m)
             tl.store(stats_ptr + n_rows + row, d)
             tl.store(stats_ptr + 2 * n_rows + row, sz)
+            tl.store(stats_ptr + 3 * n_rows + row, e)
 
     # 3. The gradient of this program's chunk:
-    #    g_c = scale * (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c, zero for an ignored row.
+    #    g_c = scale * (a * p_c - b * [c == t] - s * w_c) * dz_c/dx_c, zero for an ignored row;
+    #    with the statistics' gradients g_lse and g_H, a += g_lse and every p_c is also
+    #    multiplied by beta * (z_c - mu), beta = -g_H (dH/dz_c = -p_c (z_c - mu)).
     if COMPUTE_GRAD:
         scale = tl.load(scale_ptr + row * stride_scale)
         scale = tl.where(valid | ignored, scale, float("nan"))
@@ -499,14 +565,19 @@ def ce_fwd_kernel(
         a = b + s * w_sum
         if HAS_ZLOSS:
             a += scale * 2.0 * lse_square_scale * w_t * lse
+        beta = 0.0
+        if HAS_STAT_GRADS:
+            a += tl.load(lse_grad_ptr + row)
+            beta = -tl.load(entropy_grad_ptr + row)
         grad_row_ptr = grad_ptr + row * stride_grad_row
         if ignored:
             _zero_chunk(grad_row_ptr, col_start, col_end, BLOCK_SIZE=BLOCK_SIZE)
         else:
             _write_grad_chunk(
-                row_ptr, grad_row_ptr, weight_ptr, col_start, col_end, m, log_d, a, s,
-                logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT,
+                row_ptr, grad_row_ptr, weight_ptr, col_start, col_end, m, log_d, a, s, beta,
+                e_over_d, logit_scale, softcap, BLOCK_SIZE=BLOCK_SIZE, HAS_WEIGHT=HAS_WEIGHT,
                 HAS_SMOOTHING=HAS_SMOOTHING, HAS_SCALE=HAS_SCALE, HAS_SOFTCAP=HAS_SOFTCAP,
+                HAS_STAT_GRADS=HAS_STAT_GRADS,
             )
             # The target column, if this chunk holds it, gets -b more: written again once every
             # thread's store of the chunk is done, from z_t (read before anything was written,
@@ -514,7 +585,10 @@ def ce_fwd_kernel(
             local_target = target - vocab_start
             here = read_t & (local_target >= col_start) & (local_target < col_end)
             p_t = tl.math.exp2((z_t - m) * _LOG2E - log_d * _LOG2E)
-            g_t = a * p_t - b
+            if HAS_STAT_GRADS:
+                g_t = (a + beta * ((z_t - m) - e_over_d)) * p_t - b
+            else:
+                g_t = a * p_t - b
             if HAS_SMOOTHING:
                 g_t -= s * w_t
             g_t = _chain(g_t, z_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)

@@ -17,7 +17,8 @@ from triton.compiler import ASTSource
 from fusedce.kernels import cross_entropy_kernels as ce
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLAGS = ["HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SCALE", "HAS_SOFTCAP", "RETURN_STATS"]
+FLAGS = ["HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SCALE", "HAS_SOFTCAP", "RETURN_STATS",
+         "HAS_ENTROPY"]
 
 
 def _fwd_signature(dtype: str) -> dict[str, str]:
@@ -26,7 +27,8 @@ def _fwd_signature(dtype: str) -> dict[str, str]:
         "weight_sum_ptr": "*fp32", "scale_ptr": "*fp32", "partial_ptr": "*fp32",
         "partial_idx_ptr": "*i32", "target_logit_ptr": "*fp32", "target_weight_ptr": "*fp32",
         "loss_ptr": "*fp32", "lse_ptr": "*fp32", "z_loss_ptr": "*fp32", "correct_ptr": "*fp32",
-        "stats_ptr": "*fp32", "grad_ptr": dtype,
+        "entropy_ptr": "*fp32", "argmax_ptr": "*i64", "stats_ptr": "*fp32",
+        "lse_grad_ptr": "*fp32", "entropy_grad_ptr": "*fp32", "grad_ptr": dtype,
     }
     ints = {name: "i64" for name in ("stride_logits_row", "stride_grad_row")}
     ints.update({name: "i32" for name in ("stride_scale", "n_rows", "n_cols", "n_classes",
@@ -50,14 +52,16 @@ def main() -> int:
         # without merged statistics and vocabulary parallelism.
         flag_sets = [dict.fromkeys(FLAGS, False), dict.fromkeys(FLAGS, True)]
         flag_sets += [{f: f == on for f in FLAGS} for on in FLAGS]
-        modes = [(False, False, True, False), (True, False, True, True),
-                 (True, True, True, True), (False, False, False, False)]
-        for flags, (merge, vp, grad, zloss) in itertools.product(flag_sets, modes):
+        # (MERGE, VOCAB_PARALLEL, COMPUTE_GRAD, HAS_ZLOSS, HAS_STAT_GRADS)
+        modes = [(False, False, True, False, False), (True, False, True, True, False),
+                 (True, True, True, True, False), (False, False, False, False, False),
+                 (True, False, True, False, True), (False, False, True, True, True)]
+        for flags, (merge, vp, grad, zloss, stat_grads) in itertools.product(flag_sets, modes):
             if dtype != "*bf16" and flags not in flag_sets[:2]:
                 continue  # the flags' code is dtype-independent; cover it once
             constexprs = dict(flags, BLOCK_SIZE=1024, PARTIAL_BLOCK=4, MERGE=merge,
                               VOCAB_PARALLEL=vp, HAS_ZLOSS=zloss, STORE_STATS=not grad,
-                              COMPUTE_GRAD=grad)
+                              COMPUTE_GRAD=grad, HAS_STAT_GRADS=stat_grads)
             _compile(ce.ce_fwd_kernel, _fwd_signature(dtype), constexprs)
             variants += 1
         stats_sig = {"logits_ptr": dtype, "target_ptr": "*i64", "weight_ptr": "*fp32",

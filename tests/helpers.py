@@ -19,12 +19,13 @@ def grad_output_for(reduction: str, n_rows: int, device, scalar: float = 0.7) ->
 
 def function_loss(logits, target, weight=None, num_items_in_batch=None, **options):
     """``CrossEntropyFunction.apply`` with a ``LossSpec`` built from keywords (kernel-path tests
-    use ``block_size=``/``n_splits=`` here); returns ``(loss, lse, z_loss, accuracy)``."""
+    use ``block_size=``/``n_splits=`` here); returns ``(loss, lse, z_loss, accuracy)``
+    (the Function's entropy and argmax dropped)."""
     options.setdefault("impl", "triton")
     spec = LossSpec(**options)
     if weight is not None:
         weight = weight.float().contiguous()
-    return CrossEntropyFunction.apply(logits, target.long(), weight, num_items_in_batch, spec)
+    return CrossEntropyFunction.apply(logits, target.long(), weight, num_items_in_batch, spec)[:4]
 
 
 __all__ = ["fusedce", "free_port", "function_loss", "grad_output_for"]

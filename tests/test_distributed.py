@@ -33,7 +33,15 @@ CASES = [
      dict(softcap=12.0, lse_square_scale=1e-3, logit_scale=1.3, return_stats=True)),
     ("extras-torch", "torch", torch.float32,
      dict(softcap=12.0, lse_square_scale=1e-3, return_stats=True, num_items_in_batch=9)),
+    ("rl-triton", "triton", torch.float32,
+     dict(temperature=0.7, token_weight=True, return_stats=True, label_smoothing=0.1)),
+    ("rl-torch", "torch", torch.float32,
+     dict(temperature=1.3, token_weight=True, return_stats=True, reduction="none")),
 ]
+
+
+def _token_weight(n_rows: int) -> torch.Tensor:
+    return torch.linspace(-1.0, 2.0, n_rows)  # signed, as advantages are
 
 
 def _case_inputs(sizes, dtype):
@@ -65,6 +73,8 @@ def _worker(rank, world, port, sizes, out_dir, backend):
             kwargs = dict(kwargs)
             if kwargs.pop("weight", False):
                 kwargs["weight"] = weight.to(device)
+            if kwargs.pop("token_weight", False):
+                kwargs["token_weight"] = _token_weight(logits.shape[0]).to(device)
             local = logits[:, start:start + sizes[rank]].to(device).requires_grad_()
             out = fusedce.cross_entropy(local, target.to(device), impl=impl,
                                         process_group=dist.group.WORLD, **kwargs)
@@ -150,6 +160,8 @@ def test_vocab_parallel_matches_single_device(sizes, tmp_path):
         kwargs = dict(kwargs)
         if kwargs.pop("weight", False):
             kwargs["weight"] = weight
+        if kwargs.pop("token_weight", False):
+            kwargs["token_weight"] = _token_weight(logits.shape[0])
         kwargs.pop("return_stats", None)
         reduction = kwargs.get("reduction", "mean")
         n = logits.shape[0] if reduction == "none" else 1
@@ -165,6 +177,8 @@ def test_vocab_parallel_matches_single_device(sizes, tmp_path):
             assert rel_err(stats["lse"], ref["lse"]) <= 1e-5, name
             assert rel_err(stats["z_loss"], ref["z_loss"]) <= 1e-4, name
             assert stats["accuracy"].item() == pytest.approx(ref["accuracy"].item()), name
+            assert rel_err(stats["entropy"], ref["entropy"]) <= 1e-5, name
+            assert torch.equal(stats["argmax"], ref["argmax"]), name
     logits, target, _ = _case_inputs(sizes, torch.float32)
     ref = reference_extras(logits, target, label_smoothing=0.1, grad_output=1.0)
     for rank_result in per_rank:

@@ -44,11 +44,14 @@ def _plan_for_headline(force: dict | None):
     real = ce.launch_config.__wrapped__ if hasattr(ce.launch_config, "__wrapped__") \
         else ce.launch_config
 
-    def planned(n_rows, n_cols, device, *, block_size=None, n_splits=None):
+    def planned(n_rows, n_cols, device, *, block_size=None, n_splits=None,
+                batch_invariant=False):
         if force:
             block_size = block_size or force["block_size"]
-            n_splits = n_splits or force["n_splits"]
-        return real(n_rows, n_cols, device, block_size=block_size, n_splits=n_splits)
+            if not batch_invariant:  # (an invariant plan never splits by the row count)
+                n_splits = n_splits or force["n_splits"]
+        return real(n_rows, n_cols, device, block_size=block_size, n_splits=n_splits,
+                    batch_invariant=batch_invariant)
 
     planned.__wrapped__ = real
     ce.launch_config = planned

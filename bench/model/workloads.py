@@ -70,13 +70,20 @@ def _vocab_parallel(x, t, go):
 
     spec = LossSpec(impl="triton")
     stats = ce_row_stats(x, t, None, spec)
-    pm, pd, psz = stats.partials
+    pm, pd, psz, pe = stats.partials
     m = pm.amax(dim=1)
-    merged = RowStats(torch.stack([m, (pd * torch.exp(pm - m[:, None])).sum(1), psz.sum(1)])
-                      .unsqueeze(2), stats.argmax)
+    merged = RowStats(torch.stack([m, (pd * torch.exp(pm - m[:, None])).sum(1), psz.sum(1),
+                                   pe.sum(1)]).unsqueeze(2), stats.argmax)
     vocab = VocabSlice(0, 2 * x.shape[1], torch.zeros(x.shape[0]), None)
     grad = torch.empty_like(x)
     ce_fwd(x, t, None, None, torch.ones(1), spec, grad, row_stats=merged, vocab=vocab)
+
+
+def _stats_grad(x, t, go):
+    """Per-token loss, lse and entropy all carrying gradients (an RL objective with an entropy
+    bonus): the forward reads the logits, the backward reads them and writes the gradient."""
+    loss, stats = _ce(x, t, reduction="none", return_stats=True, differentiable_stats=True)
+    (loss * go + 0.01 * stats.entropy + 1e-4 * stats.lse).sum().backward()
 
 
 def _linear(x, t, go):
@@ -113,6 +120,10 @@ WORKLOADS = [
              _fwd_bwd(inplace_backward=True)),
     Workload("fusedce", "few_rows", "64 rows, grad_output 1 (split vocabulary)", _fwd_bwd(),
              few_rows=True),
+    Workload("fusedce", "few_rows_invariant", "64 rows, grad_output 1, batch_invariant=True "
+             "(no split)", _fwd_bwd(batch_invariant=True), few_rows=True),
+    Workload("fusedce", "stats_grad", "reduction='none' with differentiable lse and entropy",
+             _stats_grad, go="per_token"),
     Workload("fusedce", "vocab_parallel", "one rank of two: statistics, then loss and gradient",
              _vocab_parallel),
     Workload("fusedce", "linear", "fused linear chunks (hidden 256), grad_output 1", _linear,
