@@ -18,6 +18,13 @@ from .functional import (
 )
 from .linear import LinearCrossEntropyFunction
 from .module import CrossEntropyLoss, LinearCrossEntropyLoss
+from .shifted import (
+    MultiTokenStats,
+    count_targets,
+    shifted_cross_entropy,
+    shifted_linear_cross_entropy,
+    shifted_targets,
+)
 from .spec import LossSpec
 
 __version__ = "0.2.0"
@@ -32,6 +39,11 @@ __all__ = [
     "LinearCrossEntropyFunction",
     "LinearCrossEntropyLoss",
     "LossSpec",
+    "MultiTokenStats",
+    "count_targets",
+    "shifted_cross_entropy",
+    "shifted_linear_cross_entropy",
+    "shifted_targets",
     "cross_entropy",
     "cross_entropy_dtensor",
     "linear_cross_entropy",

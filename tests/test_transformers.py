@@ -257,3 +257,48 @@ def test_logit_options_from_config():
     assert fce_hf._logit_options(config) == {"softcap": 30.0, "logit_scale": 0.25}
     with pytest.raises(ValueError, match="needs a model"):
         fce_hf.apply(fused_linear=True)
+
+
+def _packed_batch():
+    """One packed row of three documents (lengths 5, 1, 10), positions restarting at 0, and
+    labels that are the input ids themselves (no -100 separator at document starts)."""
+    input_ids = torch.randint(0, VOCAB, (1, 16))
+    position_ids = torch.cat([torch.arange(5), torch.arange(1), torch.arange(10)])[None]
+    return input_ids, position_ids, input_ids.clone()
+
+
+def _cross_document_free_loss(logits, labels, position_ids):
+    target = torch.full_like(labels, -100)
+    same_doc = position_ids[:, 1:] - position_ids[:, :-1] == 1
+    target[:, :-1] = torch.where(same_doc, labels[:, 1:], -100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).double(),
+                                             target.reshape(-1))
+
+
+def test_packed_batches_never_score_the_next_document():
+    """Packed rows (position_ids, no attention mask): the fused-linear forward, and the loss
+    function given the positions or flash-attention's cu_seq_lens_q, skip the targets across
+    document boundaries; transformers' own loss counts them when the labels carry no
+    separator."""
+    ref_model = _tiny_model()
+    input_ids, position_ids, labels = _packed_batch()
+    with torch.no_grad():
+        logits = ref_model(input_ids=input_ids, position_ids=position_ids).logits
+        stock = ref_model(input_ids=input_ids, position_ids=position_ids, labels=labels).loss
+    right = _cross_document_free_loss(logits, labels, position_ids)
+    assert abs(float(stock) - float(right)) > 1e-3  # stock scores across documents here
+
+    model = copy.deepcopy(ref_model)
+    fce_hf.apply(model, fused_linear=True)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, position_ids=position_ids, labels=labels)
+    assert rel_err(out.loss, right) <= 1e-5
+    by_positions = fce_hf.causal_lm_loss(logits, labels, VOCAB, position_ids=position_ids)
+    assert rel_err(by_positions, right) <= 1e-5
+    cu = torch.tensor([0, 5, 6, 16], dtype=torch.int32)
+    assert rel_err(fce_hf.causal_lm_loss(logits, labels, VOCAB, cu_seq_lens_q=cu), right) <= 1e-5
+    # shift_labels given: used as they are (shift 0).
+    shifted = torch.cat([labels[:, 1:], torch.full((1, 1), -100)], dim=1)
+    assert rel_err(fce_hf.causal_lm_loss(logits, None, VOCAB, shift_labels=shifted),
+                   torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).double(),
+                                                     shifted.reshape(-1))) <= 1e-5

@@ -1,11 +1,13 @@
 """Hugging Face transformers: fusedce as the loss of causal language models.
 
 ``causal_lm_loss`` has the signature of transformers' ``ForCausalLMLoss`` and its semantics
-(labels shifted left by one, ``num_items_in_batch`` for gradient accumulation), with two
-differences that matter for memory: it shifts the labels, never the logits, so the logits are
-not copied; and it never makes a float32 copy of bf16/fp16 logits (transformers' loss does,
-doubling the largest activation; fusedce computes in float32 internally and still returns a
-float32 loss).
+(labels shifted left by one, ``num_items_in_batch`` for gradient accumulation), computed by
+``fusedce.shifted_cross_entropy``: the shift is an argument of the loss, so neither the labels
+nor the logits are padded, shifted or copied, ``shift_labels`` (already aligned) are honoured,
+and packed batches (``position_ids`` restarting at 0, no attention mask, as
+``DataCollatorWithFlattening`` makes them) never score a token of the next document; and it
+never makes a float32 copy of bf16/fp16 logits (transformers' loss does, doubling the largest
+activation; fusedce computes in float32 internally and still returns a float32 loss).
 
 Use it per model, or for every causal-LM model of the process::
 
@@ -25,10 +27,9 @@ import types
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import cross_entropy
+from ..shifted import shifted_cross_entropy
 
 
 def causal_lm_loss(
@@ -52,25 +53,30 @@ def causal_lm_loss(
             this micro-batch divided by it.  Without it, the mean over counted tokens.
         ignore_index: label value that counts for nothing.
         shift_labels: labels already shifted (then ``labels`` is not used).
-        **kwargs: other keywords models pass along (ignored), plus fusedce's own
+        **kwargs: other keywords models pass along (ignored, except ``position_ids`` of a
+            packed batch without ``attention_mask``), plus fusedce's own
             ``label_smoothing``, ``logit_scale``, ``softcap``, ``lse_square_scale``, ``impl``
             and ``inplace_backward`` when given.
 
     Returns:
         A float32 scalar loss.
     """
-    if shift_labels is None:
-        # The label of position i moves to i - 1; the last position gets ignore_index.  A copy
-        # of the labels (small), never of the logits.
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    target = shift_labels.reshape(-1).to(logits.device)
+    # Position i is scored against labels[i + 1] (or shift_labels[i], already aligned).
+    aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+    aligned = aligned.to(logits.device)
+    if tuple(logits.shape[:-1]) != tuple(aligned.shape):
+        logits = logits.reshape(*aligned.shape, vocab_size)  # (tokens, V) of (B, T) labels
     options = {k: kwargs[k] for k in ("label_smoothing", "logit_scale", "softcap",
                                       "lse_square_scale", "impl", "inplace_backward")
                if k in kwargs}
     monitor = kwargs.get("_monitor")
-    out = cross_entropy(
-        logits.reshape(-1, vocab_size),  # a view for contiguous logits
-        target,
+    cu_seqlens = kwargs.get("cu_seq_lens_q")  # padding-free flash-attention batches
+    out = shifted_cross_entropy(
+        logits, aligned, shift,
+        position_ids=packed_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"),
+                                      aligned),
+        cu_seqlens=cu_seqlens if cu_seqlens is not None and aligned.dim() == 2
+        and aligned.shape[0] == 1 else None,
         ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch,
         out_dtype=torch.float32,
@@ -82,6 +88,18 @@ def causal_lm_loss(
     loss, stats = out
     monitor.update(loss, stats)
     return loss
+
+
+def packed_positions(position_ids: Tensor | None, attention_mask: Tensor | None,
+                     labels: Tensor) -> Tensor | None:
+    """``position_ids`` when they describe packed documents (given without an attention mask,
+    the padding-free convention of ``DataCollatorWithFlattening``), else None: a padded batch's
+    positions (which skip the padding) keep transformers' semantics."""
+    if position_ids is None or attention_mask is not None:
+        return None
+    if tuple(position_ids.shape) != tuple(labels.shape):
+        return None
+    return position_ids.to(labels.device)
 
 
 def _logit_options(config: Any) -> dict[str, Any]:
@@ -113,19 +131,20 @@ def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..functional import linear_cross_entropy
+    from ..shifted import shifted_linear_cross_entropy
 
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+    aligned = aligned.to(hidden.device)
     head = self.lm_head
-    loss = linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight,
-        shift_labels.reshape(-1).to(hidden.device), linear_bias=head.bias,
-        num_items_in_batch=kwargs.get("num_items_in_batch"), **_logit_options(self.config),
+    loss = shifted_linear_cross_entropy(
+        hidden.reshape(*aligned.shape, hidden.shape[-1]), head.weight, aligned, shift,
+        position_ids=packed_positions(position_ids, attention_mask, aligned),
+        linear_bias=head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
+        **_logit_options(self.config),
     ).float()
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states,

@@ -1,0 +1,421 @@
+"""Next-token (and multi-token) losses that take the labels as they come: ``input_ids`` (or
+labels aligned with them), a shift, and where sequences and documents end.
+
+``shifted_cross_entropy(logits, labels, shift)`` scores position ``t`` of a sequence against
+``labels[..., t + shift]``; a position is not counted when ``t + shift`` leaves the sequence,
+crosses a document boundary (``cu_seqlens`` or restarting ``position_ids`` of packed rows),
+falls on a masked position (``attention_mask`` 0) or on ``ignore_index``.  The logits are read
+where they are: a (..., T, V) tensor whose rows form a view is one pass, and so is
+``logits[:, :-1]`` (its sequences are rows of the same storage, the rows between them ignored);
+any other layout is read sequence by sequence, never copied.  The only per-token array
+made is the targets themselves: one int64 per position, built on the device in one expression
+(8 bytes per token beside the logits' ``2 * V``), so the shift and the masks cannot drift apart
+and no label has to be prepared with -100 by hand.
+
+Multi-token prediction (DeepSeek-V3 style) is one call: a tuple of logits (one per depth) with a
+tuple of shifts, weighted by ``depth_weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import checks
+from .functional import CrossEntropyStats, cross_entropy, linear_cross_entropy
+
+
+class MultiTokenStats(NamedTuple):
+    """Per-depth statistics of a multi-token-prediction loss (``return_stats=True``).
+
+    ``loss``: (D,) each depth's loss, reduced as asked (before ``depth_weights``; for
+    ``reduction="none"``, each depth's sum).  ``accuracy``: (D,) each depth's token accuracy
+    (the acceptance proxy of speculative decoding).  ``count``: (D,) int64 counted positions.
+    ``depths``: each depth's ``CrossEntropyStats``.
+    """
+
+    loss: Tensor
+    accuracy: Tensor
+    count: Tensor
+    depths: tuple[CrossEntropyStats, ...]
+
+
+def _check_shift(shift) -> int:
+    if not checks.is_int(shift) or shift < 0:
+        raise ValueError(f"shift must be an int >= 0, got {shift!r}")
+    return int(shift)
+
+
+def _check_alignment(labels: Tensor, attention_mask, cu_seqlens, position_ids) -> None:
+    checks.check_tensor("labels", labels)
+    if labels.dim() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer token ids of shape (..., T), got dtype "
+                        f"{labels.dtype} and shape {tuple(labels.shape)}")
+    for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if t is None:
+            continue
+        checks.check_tensor(name, t)
+        if tuple(t.shape) != tuple(labels.shape):
+            raise ValueError(f"{name} must have the labels' shape {tuple(labels.shape)}, got "
+                             f"{tuple(t.shape)}")
+        if t.device != labels.device:
+            raise ValueError(f"{name} is on {t.device} but labels are on {labels.device}")
+    if cu_seqlens is not None:
+        checks.check_tensor("cu_seqlens", cu_seqlens)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError("cu_seqlens must be a 1-D integer tensor of cumulative document "
+                             f"lengths (0, l1, l1 + l2, ...), got {tuple(cu_seqlens.shape)} "
+                             f"{cu_seqlens.dtype}")
+        if cu_seqlens.device.type == "cpu":  # free to check; a device tensor is not read
+            first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+            if first != 0 or last != labels.numel() or bool((cu_seqlens.diff() < 0).any()):
+                raise ValueError(
+                    f"cu_seqlens must rise from 0 to the number of tokens ({labels.numel()}), "
+                    f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+
+
+def shifted_targets(
+    labels: Tensor,
+    shift: int = 1,
+    *,
+    attention_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """The target of every position, int64, the labels' shape: ``labels[..., t + shift]``, or
+    ``ignore_index`` where that position is not counted (see the module docstring).  Built on
+    the labels' device without a host synchronisation."""
+    shift = _check_shift(shift)
+    _check_alignment(labels, attention_mask, cu_seqlens, position_ids)
+    n_pos = labels.shape[-1]
+    lab = labels.to(torch.int64)
+    if shift:
+        lab = F.pad(lab, (0, shift), value=ignore_index)[..., shift:]
+    counted = lab != ignore_index
+    if shift:
+        # positions whose target lies past the end of the sequence (the pad above) count for
+        # nothing even when ignore_index is a real id
+        counted &= torch.arange(n_pos, device=labels.device) < n_pos - shift
+    if attention_mask is not None:
+        mask = attention_mask if not shift else F.pad(attention_mask, (0, shift))[..., shift:]
+        counted &= mask != 0
+    if position_ids is not None and shift:
+        # Positions restart at 0 with each document: the target is in the same document iff its
+        # position is exactly `shift` further.
+        pos = position_ids.to(torch.int64)
+        ahead = F.pad(pos, (0, shift), value=-1)[..., shift:]
+        counted &= ahead - pos == shift
+    if cu_seqlens is not None and shift:
+        flat = torch.arange(labels.numel(), device=labels.device)
+        cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
+        doc = torch.searchsorted(cu, flat, right=True).clamp_max(cu.numel() - 1)
+        counted &= (flat + shift < cu[doc]).reshape(labels.shape)
+    return torch.where(counted, lab, ignore_index)
+
+
+def count_targets(
+    labels: Tensor,
+    shift: int = 1,
+    attention_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """The number of positions ``shifted_cross_entropy`` counts, as a 0-d int64 tensor on the
+    labels' device (no host synchronisation): the ``num_items_in_batch`` of gradient
+    accumulation and data-parallel averaging (sum it over micro-batches and ranks)."""
+    target = shifted_targets(labels, shift, attention_mask=attention_mask,
+                             cu_seqlens=cu_seqlens, position_ids=position_ids,
+                             ignore_index=ignore_index)
+    return (target != ignore_index).sum()
+
+
+def _depths(logits, shift) -> tuple[tuple[Tensor, ...], tuple[int, ...], bool]:
+    """(tensors, shifts, multi): one depth per tensor of a tuple (multi-token prediction)."""
+    if isinstance(logits, (tuple, list)):
+        tensors = tuple(logits)
+        if not tensors:
+            raise ValueError("logits is an empty tuple: give one tensor per depth")
+        shifts = tuple(range(1, len(tensors) + 1)) if shift == 1 or shift is None else shift
+        if isinstance(shifts, int) or len(shifts) != len(tensors):
+            raise ValueError(f"shift must be a tuple of {len(tensors)} shifts (one per depth), "
+                             f"got {shift!r}")
+        return tensors, tuple(_check_shift(s) for s in shifts), True
+    if isinstance(shift, (tuple, list)):
+        raise ValueError("a tuple of shifts needs a tuple of logits (one per depth)")
+    return (logits,), (_check_shift(shift),), False
+
+
+def _depth_weights(depth_weights, n: int) -> tuple[float, ...]:
+    if depth_weights is None:
+        # The next token weighs 1; the further depths share a weight of 1 (DeepSeek-V3's
+        # main loss plus the mean of its MTP losses, lambda = 1).
+        return (1.0,) + (1.0 / (n - 1),) * (n - 1) if n > 1 else (1.0,)
+    weights = tuple(float(w) for w in depth_weights)
+    if len(weights) != n:
+        raise ValueError(f"depth_weights must hold {n} weights, got {len(weights)}")
+    return weights
+
+
+def _flat_rows(logits: Tensor) -> Tensor | None:
+    """(N, V) view of (..., T, V) logits, or None when the rows do not form one."""
+    try:
+        return logits.view(-1, logits.shape[-1])
+    except RuntimeError:
+        return None
+
+
+class _RowsOfBlocks(torch.autograd.Function):
+    """(B, T', V) logits whose sequences are ``k >= T'`` rows apart (``logits[:, :-1]`` of
+    (B, T, V) logits: k = T) as the (B * k, V) row view of the same storage; rows ``t >= T'``
+    of each sequence are other elements of the caller's storage, which the caller's targets
+    (ignored there) never let a pass read into a result.  The backward keeps the gradient's
+    own rows of the block view: no copy either way."""
+
+    @staticmethod
+    def forward(ctx, blocks: Tensor, k: int):
+        b_n, t_n, v = blocks.shape
+        ctx.shape = (b_n, k, t_n, v)
+        return blocks.detach().as_strided((b_n * k, v), (blocks.stride(1), 1))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        b_n, k, t_n, v = ctx.shape
+        return grad.view(b_n, k, v)[:, :t_n], None
+
+
+def _row_spacing(blocks: Tensor) -> int | None:
+    """``k`` when (B, T', V) ``blocks`` lie ``k`` rows apart inside their storage (see
+    ``_RowsOfBlocks``), else None."""
+    b_n, t_n, v = blocks.shape
+    s_b, s_t, s_v = blocks.stride()
+    if s_v != 1 or s_t < v or b_n == 0 or t_n == 0 or s_b % s_t or s_b // s_t < t_n:
+        return None
+    k = s_b // s_t
+    last = blocks.storage_offset() + ((b_n - 1) * k + k - 1) * s_t + v
+    if last > blocks.untyped_storage().nbytes() // blocks.element_size():
+        return None
+    return k
+
+
+def _blocks_loss(logits: Tensor, target: Tensor, weight, kwargs: dict):
+    """Logits whose rows do not form a view (``logits[:, :-1]``): one ``cross_entropy`` per
+    leading index, each a (T, V) view, combined into the reduction asked for."""
+    reduction = kwargs.get("reduction", "mean")
+    stats_wanted = kwargs.get("return_stats", False)
+    blocks = logits.reshape(-1, *logits.shape[-2:])  # leading dims: a view for slices
+    targets = target.reshape(-1, target.shape[-1])
+    token_weight = kwargs.pop("token_weight", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    ignore = kwargs.get("ignore_index", -100)
+    counted = targets != ignore
+    if reduction == "mean" and num_items is None:
+        w_t = torch.ones_like(targets, dtype=torch.float32) if weight is None else \
+            weight.float()[targets.clamp(0, logits.shape[-1] - 1)]
+        if token_weight is not None:
+            w_t = w_t * token_weight.reshape(targets.shape).float()
+        denom = torch.where(counted, w_t, 0.0).sum()
+    elif reduction == "mean":
+        denom = torch.as_tensor(num_items, dtype=torch.float32, device=logits.device)
+    kw = dict(kwargs, reduction="sum" if reduction == "mean" else reduction)
+    outs = []
+    for i in range(blocks.shape[0]):
+        tw = token_weight.reshape(targets.shape)[i] if token_weight is not None else None
+        outs.append(cross_entropy(blocks[i], targets[i], weight, token_weight=tw, **kw))
+    losses = [o[0] if stats_wanted else o for o in outs]
+    if reduction == "none":
+        loss = torch.stack(losses).reshape(target.shape)
+    else:
+        loss = torch.stack(losses).sum()
+        if reduction == "mean":
+            loss = torch.where(denom != 0, loss / denom, 0.0).to(loss.dtype)
+    if not stats_wanted:
+        return loss
+    stats = [o[1] for o in outs]
+    n = counted.sum(dim=1).float()
+    accuracy = (torch.stack([s.accuracy for s in stats]) * n).sum() / n.sum().clamp_min(1.0)
+    z = torch.stack([s.z_loss for s in stats])
+    z_loss = z.reshape(target.shape) if reduction == "none" else (
+        z.sum() if reduction == "sum" else torch.where(denom != 0, z.sum() / denom, 0.0))
+    return loss, CrossEntropyStats(
+        torch.stack([s.lse for s in stats]).reshape(target.shape), z_loss, accuracy,
+        torch.stack([s.entropy for s in stats]).reshape(target.shape),
+        torch.stack([s.argmax for s in stats]).reshape(target.shape))
+
+
+def _one_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_weight):
+    if kwargs.get("token_weight") is not None:
+        if tuple(kwargs["token_weight"].shape) != tuple(target.shape):
+            raise ValueError(f"token_weight must have the labels' shape {tuple(target.shape)},"
+                             f" got {tuple(kwargs['token_weight'].shape)}")
+        if linear_weight is not None or _flat_rows(logits) is not None:
+            kwargs["token_weight"] = kwargs["token_weight"].reshape(-1)
+    if linear_weight is not None:
+        hidden = logits.reshape(-1, logits.shape[-1])
+        out = linear_cross_entropy(hidden, linear_weight, target.reshape(-1), weight=weight,
+                                   **kwargs)
+    else:
+        if logits.dim() < 2 or tuple(logits.shape[:-1]) != tuple(target.shape):
+            raise ValueError(f"logits must have shape labels.shape + (V,) = "
+                             f"{tuple(target.shape)} + (V,), got {tuple(logits.shape)}")
+        rows = _flat_rows(logits)
+        flat_target = target.reshape(-1)
+        if rows is None:
+            blocks = logits.reshape(-1, *logits.shape[-2:])  # a view for slices
+            k = None if kwargs.get("inplace_backward") else _row_spacing(blocks)
+            if k is None:
+                return _blocks_loss(logits, target, weight, dict(kwargs))
+            rows = _RowsOfBlocks.apply(blocks, k)
+            # Targets of the rows between the sequences: ignored (never read, zero gradient).
+            ignore = kwargs.get("ignore_index", -100)
+            flat_target = F.pad(target.reshape(-1, target.shape[-1]),
+                                (0, k - target.shape[-1]), value=ignore).reshape(-1)
+            if kwargs.get("token_weight") is not None:
+                tw = kwargs["token_weight"].reshape(-1, target.shape[-1])
+                kwargs["token_weight"] = F.pad(tw, (0, k - target.shape[-1])).reshape(-1)
+            out = cross_entropy(rows, flat_target, weight, **kwargs)
+            return _drop_padding_rows(out, target, k, kwargs)
+        out = cross_entropy(rows, flat_target, weight, **kwargs)
+    if kwargs.get("reduction", "mean") != "none":
+        return out
+    if kwargs.get("return_stats"):
+        loss, stats = out
+        return loss.reshape(target.shape), CrossEntropyStats(
+            stats.lse.reshape(target.shape), stats.z_loss.reshape(target.shape),
+            stats.accuracy, stats.entropy.reshape(target.shape),
+            stats.argmax.reshape(target.shape))
+    return out.reshape(target.shape)
+
+
+def _drop_padding_rows(out, target: Tensor, k: int, kwargs: dict):
+    """The per-row outputs of ``_RowsOfBlocks``' rows back to the target's shape."""
+    t_n = target.shape[-1]
+
+    def rows(v: Tensor) -> Tensor:
+        return v.reshape(-1, k)[:, :t_n].reshape(target.shape)
+
+    per_row = kwargs.get("reduction", "mean") == "none"
+    if not kwargs.get("return_stats"):
+        return rows(out) if per_row else out
+    loss, stats = out
+    return (rows(loss) if per_row else loss), CrossEntropyStats(
+        rows(stats.lse), rows(stats.z_loss) if per_row else stats.z_loss, stats.accuracy,
+        rows(stats.entropy), rows(stats.argmax))
+
+
+def _shifted(logits, labels, shift, attention_mask, cu_seqlens, position_ids, depth_weights,
+             kwargs: dict, linear_weight=None):
+    tensors, shifts, multi = _depths(logits, shift)
+    weights = _depth_weights(depth_weights, len(tensors))
+    ignore_index = kwargs.get("ignore_index", -100)
+    weight = kwargs.pop("weight", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    if multi and isinstance(num_items, (tuple, list)):
+        if len(num_items) != len(tensors):
+            raise ValueError(f"num_items_in_batch must hold {len(tensors)} counts (one per "
+                             f"depth), got {len(num_items)}")
+        items = tuple(num_items)
+    else:
+        items = (num_items,) * len(tensors)
+    results, targets = [], []
+    for x, s, n_items in zip(tensors, shifts, items):
+        target = shifted_targets(labels.to(x.device), s, attention_mask=attention_mask,
+                                 cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                 ignore_index=ignore_index)
+        targets.append(target)
+        results.append(_one_depth(x, target, weight, dict(kwargs, num_items_in_batch=n_items),
+                                  linear_weight))
+    if not multi:
+        return results[0]
+    stats_wanted = kwargs.get("return_stats", False)
+    losses = [r[0] if stats_wanted else r for r in results]
+    total = sum(w * loss for w, loss in zip(weights, losses))
+    if not stats_wanted:
+        return total
+    depth_stats = tuple(r[1] for r in results)
+    return total, MultiTokenStats(
+        torch.stack([loss.detach().sum() for loss in losses]),
+        torch.stack([s.accuracy for s in depth_stats]),
+        torch.stack([(t != ignore_index).sum() for t in targets]),
+        depth_stats)
+
+
+def shifted_cross_entropy(
+    logits: Tensor | Sequence[Tensor],
+    labels: Tensor,
+    shift: int | Sequence[int] = 1,
+    *,
+    attention_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    depth_weights: Sequence[float] | None = None,
+    **kwargs,
+):
+    """Cross-entropy of position ``t`` against ``labels[..., t + shift]``: next-token loss
+    from ``input_ids`` with no label preparation.
+
+    Args:
+        logits: (..., T, V) logits, read in place (a layout whose rows do not form a view, such
+            as ``logits[:, :-1]``, is read block by block, never copied); or a tuple with one
+            such tensor per depth of multi-token prediction.
+        labels: (..., T) integer ids: ``input_ids`` themselves, or labels with ``ignore_index``
+            where no loss is wanted (a prompt).
+        shift: how far ahead the target is (1: next token; 0: labels already aligned, e.g.
+            transformers' ``shift_labels``); a tuple (default ``(1, ..., D)``) for a tuple of
+            logits.
+        attention_mask: (..., T); a position whose target position is 0 here is not counted.
+        cu_seqlens: packed documents, flash-attn's varlen convention: (D + 1,) int32 cumulative
+            lengths over the flattened tokens; a target in another document is not counted.
+        position_ids: (..., T) positions that restart at 0 at each document (packed rows, as
+            ``DataCollatorWithFlattening`` makes them); likewise.
+        depth_weights: multi-token prediction: each depth's weight (default 1 for the first
+            depth and ``1 / (D - 1)`` for each further one).
+        **kwargs: every keyword of ``fusedce.cross_entropy`` (``weight``, ``ignore_index``,
+            ``reduction``, ``label_smoothing``, extras, ``return_stats``,
+            ``num_items_in_batch`` (a tuple of one count per depth is accepted),
+            ``inplace_backward``, ...), with the same meaning.  Uncounted positions get loss 0
+            and an exactly zero gradient.
+
+    Returns:
+        As ``fusedce.cross_entropy`` (``reduction="none"``: the labels' shape).  With a tuple
+        of logits: the weighted sum of the depths' losses, and with ``return_stats`` a
+        ``MultiTokenStats``.
+    """
+    return _shifted(logits, labels, shift, attention_mask, cu_seqlens, position_ids,
+                    depth_weights, dict(kwargs))
+
+
+def shifted_linear_cross_entropy(
+    hidden: Tensor | Sequence[Tensor],
+    linear_weight: Tensor,
+    labels: Tensor,
+    shift: int | Sequence[int] = 1,
+    *,
+    attention_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    depth_weights: Sequence[float] | None = None,
+    **kwargs,
+):
+    """``shifted_cross_entropy`` of ``hidden @ linear_weight.T`` (plus ``linear_bias``) from
+    (..., T, H) hidden states (or a tuple, one per depth), never holding the logits; keywords
+    as ``fusedce.linear_cross_entropy``'s."""
+    if isinstance(hidden, (tuple, list)):
+        for h in hidden:
+            if tuple(h.shape[:-1]) != tuple(labels.shape):
+                raise ValueError(f"hidden states must have shape labels.shape + (H,), got "
+                                 f"{tuple(h.shape)} for labels {tuple(labels.shape)}")
+    elif tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"hidden must have shape labels.shape + (H,) = {tuple(labels.shape)} "
+                         f"+ (H,), got {tuple(hidden.shape)}")
+    return _shifted(hidden, labels, shift, attention_mask, cu_seqlens, position_ids,
+                    depth_weights, dict(kwargs), linear_weight=linear_weight)
+
+
+__all__ = ["MultiTokenStats", "count_targets", "shifted_cross_entropy",
+           "shifted_linear_cross_entropy", "shifted_targets"]
