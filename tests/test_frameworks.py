@@ -159,3 +159,139 @@ def test_trl_logprob_helpers_equal_trl(dtype):
     assert rel_err(masked[mask], theirs[mask]) < tol
     h_theirs = utils.entropy_from_logits(logits.float())
     assert rel_err(fce_trl.entropy_from_logits(logits), h_theirs) < tol
+
+
+def _sft_run(fused: bool, packed: bool, steps: int = 3):
+    """SFTTrainer on a tiny Llama (fp32, SGD, gradient accumulation 2), padded or packed
+    (padding-free, position_ids) data; returns the logged (loss, entropy, accuracy) per step
+    and the final weights."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models
+
+    from fusedce.integrations import trl as fce_trl
+
+    vocab = 64
+    words = {**{f"t{i}": i for i in range(vocab - 2)}, "<pad>": vocab - 2, "<eos>": vocab - 1}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<pad>")),
+        pad_token="<pad>", eos_token="<eos>")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(12):
+        n = int(torch.randint(4, 14, (1,), generator=g))
+        start = int(torch.randint(0, vocab - 2, (1,), generator=g))
+        rows.append({"input_ids": [(start + k) % (vocab - 2) for k in range(n)]})
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, pad_token_id=vocab - 2, eos_token_id=vocab - 1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    extra = dict(packing=True, max_length=32) if packed else {}
+    args = trl.SFTConfig(
+        output_dir=None, max_steps=steps, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, logging_steps=1, report_to=[], save_strategy="no",
+        learning_rate=0.1, optim="sgd", use_cpu=True, bf16=False, seed=0, data_seed=0,
+        disable_tqdm=True, **extra)
+    if fused:
+        fce_trl.apply()
+    try:
+        trainer = trl.SFTTrainer(model=model, args=args,
+                                 train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tokenizer)
+        trainer.train()
+    finally:
+        fce_trl.revert()
+    logs = [(h["loss"], h["entropy"], h["mean_token_accuracy"])
+            for h in trainer.state.log_history if "loss" in h]
+    return logs, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_trl_sft_trainer_matches_stock(packed, tmp_path, monkeypatch):
+    """fce_trl.apply(): SFTTrainer's fused LM head is fusedce's; 3 steps with gradient
+    accumulation give TRL's logged losses, entropy, token accuracy and final weights."""
+    monkeypatch.chdir(tmp_path)
+    stock, w_stock = _sft_run(False, packed)
+    ours, w_ours = _sft_run(True, packed)
+    assert len(ours) == len(stock) == 3
+    for (l1, h1, a1), (l2, h2, a2) in zip(stock, ours):
+        assert abs(l1 - l2) <= 1e-5 * abs(l1) and abs(h1 - h2) <= 1e-5 * abs(h1)
+        assert a1 == pytest.approx(a2, abs=1e-6)
+    for a, b in zip(w_stock, w_ours):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_trl_fused_head_outputs_and_errors():
+    transformers = pytest.importorskip("transformers")
+    utils = pytest.importorskip("trl.trainer.utils")
+    import copy
+
+    from fusedce.integrations import trl as fce_trl
+
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config)
+    ours = copy.deepcopy(theirs)
+    outputs = ("log_probs", "entropy", "is_top1")
+    utils.add_fused_lm_head(theirs, temperature=0.7, outputs=outputs)
+    fce_trl.add_fused_lm_head(ours, temperature=0.7, outputs=outputs)
+    ids = torch.randint(0, 50, (2, 9))
+    labels = ids.clone()
+    labels[1, :3] = -100
+    for kw in (dict(labels=labels), dict(shift_labels=labels)):
+        a = theirs(input_ids=ids, fused_lm_head=True, **kw)
+        b = ours(input_ids=ids, fused_lm_head=True, **kw)
+        for name in ("log_probs", "entropy"):
+            assert getattr(b, name).shape == getattr(a, name).shape
+            assert rel_err(getattr(b, name), getattr(a, name)) < 1e-5, name
+        assert torch.equal(a.is_top1.bool(), b.is_top1) and torch.equal(a.label_mask,
+                                                                        b.label_mask)
+        assert rel_err(b.loss, a.loss) < 1e-5
+        (b.log_probs.sum() + b.entropy.sum()).backward()  # both differentiable, as TRL's
+    assert ours(input_ids=ids).logits.shape == (2, 9, 50)  # without fused_lm_head: unchanged
+    with pytest.raises(ValueError, match="mean_logits"):
+        fce_trl.add_fused_lm_head(copy.deepcopy(theirs), outputs=("log_probs", "mean_logits"))
+    # Through apply(), a trainer asking for such outputs keeps TRL's head.
+    kto = pytest.importorskip("trl.trainer.kto_trainer")
+    fce_trl.apply()
+    try:
+        model = copy.deepcopy(ours)
+        kto.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        assert out.mean_logits is not None
+    finally:
+        fce_trl.revert()
+    assert kto.add_fused_lm_head is utils.add_fused_lm_head
+
+
+def test_torchtitan_debugmodel_loss():
+    """torchtitan's smallest model (llama3 "debugmodel", 6 layers, vocabulary 2048): its logits
+    give the same loss and logits gradient with fusedce's loss as with torchtitan's.  (A full
+    training step cannot run on a CPU: FlexAttention has no CPU backward, and torchtitan 0.3
+    dropped SDPA for language models.)"""
+    loss_mod = pytest.importorskip("torchtitan.components.loss")
+    llama3 = pytest.importorskip("torchtitan.models.llama3")
+    from fusedce.integrations.torchtitan import FusedCrossEntropyLoss
+
+    torch.manual_seed(0)
+    model = llama3.model_registry("debugmodel", attn_backend="flex").model.build()
+    tokens = torch.randint(0, 2048, (2, 24))
+    positions = torch.arange(24).expand(2, 24)
+    with torch.no_grad():
+        logits = model(tokens, positions, model.get_attention_masks(positions))
+    labels = torch.roll(tokens, -1, 1)
+    labels[:, -1] = -100
+    valid = (labels != -100).sum()
+    grads = []
+    for loss_fn in (loss_mod.CrossEntropyLoss.Config().build(),
+                    FusedCrossEntropyLoss.Config().build()):
+        x = logits.clone().requires_grad_()
+        loss, _ = loss_fn(x, labels, valid)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    assert rel_err(grads[1][0], grads[0][0]) < 1e-6 and rel_err(grads[1][1], grads[0][1]) < 1e-5

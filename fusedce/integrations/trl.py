@@ -1,25 +1,132 @@
-"""fusedce for TRL's GRPO/PPO log-probability helpers.
+"""fusedce for TRL: its fused LM head and its GRPO/PPO log-probability helpers.
 
-TRL's trainers compute the policy's per-token log-probabilities with
-``trl.trainer.utils.selective_log_softmax(logits, index, temperature)`` and its entropy with
-``entropy_from_logits(logits)``.  These drop-ins take the same arguments and give the same
-values from one fused pass (``fusedce.token_logprobs``): differentiable, batch-invariant (the
-trainer's recomputation equals the rollout's bitwise for one implementation and device), and
-without a float32 copy of the logits::
+TRL's trainers (``SFTTrainer``, ``GRPOTrainer``, ``RLOOTrainer``, ...) never ask the model for
+logits: they patch it with ``trl.trainer.utils.add_fused_lm_head`` and call
+``model(..., labels=labels, fused_lm_head=True)``, which returns per-token ``log_probs`` (and
+``entropy``, ``is_top1``) of the next-token labels.  That patch is TRL's extension point for the
+loss, so ``apply()`` makes the trainers patch their models with ``add_fused_lm_head`` below: the
+same signature and outputs, computed by ``fusedce.shifted_linear_cross_entropy`` from the hidden
+states (no logits, no shifted copy of the labels; packed rows never score the next document).
+``revert()`` restores TRL's own::
 
     from fusedce.integrations import trl as fce_trl
-    logps = fce_trl.selective_log_softmax(logits, completion_ids, temperature=0.9)
+    fce_trl.apply()                       # before the trainer is built
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset)
 
-Requires ``trl`` only for comparison (``pip install fusedce[trl]``); the functions themselves
-need only fusedce.
+``selective_log_softmax`` and ``entropy_from_logits`` are drop-ins for TRL's helpers of the same
+names (from logits), fused, differentiable and batch-invariant.
+
+Requires ``trl`` (``pip install fusedce[trl]``) for ``apply``.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
+import types
 
 import torch
 from torch import Tensor
 
 import fusedce
+
+from ..shifted import shifted_linear_cross_entropy, shifted_targets
+from .transformers import _logit_options, packed_positions
+
+_SUPPORTED_OUTPUTS = ("log_probs", "entropy", "is_top1")
+_TRAINER_MODULES = ("sft_trainer", "grpo_trainer", "rloo_trainer", "kto_trainer", "dpo_trainer")
+_ORIGINALS: dict[str, object] = {}
+
+
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """TRL's ``add_fused_lm_head``, computed by fusedce: ``model(..., labels=labels,
+    fused_lm_head=True)`` returns TRL's ``FusedCausalLMOutput`` (``loss``, ``log_probs``,
+    ``entropy``, ``is_top1``, ``label_mask``; every per-token field 0 where the label is
+    ignored, (batch, seq_len - 1) or, with ``shift_labels``, (batch, seq_len)).  Without
+    ``fused_lm_head`` the model's own forward runs.  ``log_sum_sq_probs`` and ``mean_logits``
+    are not computed (a clear error if asked for); the entropy carries its gradient, as
+    TRL's does."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    unsupported = [name for name in outputs if name not in _SUPPORTED_OUTPUTS]
+    if unsupported:
+        raise ValueError(f"fusedce's fused LM head computes {_SUPPORTED_OUTPUTS}, not "
+                         f"{unsupported}; use TRL's add_fused_lm_head for those")
+    original_forward = model.forward
+    options = _logit_options(model.config.get_text_config())
+    with_stats = "entropy" in outputs or "is_top1" in outputs
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
+                num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+        aligned = aligned.to(head.weight.device)
+        hidden = hidden.to(head.weight.device)
+        if cast_lm_head_to_fp32:
+            hidden = hidden.float()
+        weight = head.weight.float() if cast_lm_head_to_fp32 else head.weight
+        bias = head.bias.float() if cast_lm_head_to_fp32 and head.bias is not None else head.bias
+        positions = packed_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"),
+                                     aligned)
+        out = shifted_linear_cross_entropy(
+            hidden, weight, aligned, shift, position_ids=positions, linear_bias=bias,
+            reduction="none", temperature=temperature, return_stats=with_stats,
+            differentiable_stats="entropy" in outputs, out_dtype=torch.float32, **options)
+        nll, stats = out if with_stats else (out, None)
+        mask = shifted_targets(aligned, shift, position_ids=positions) != -100
+        keep = slice(None, -1) if shift else slice(None)  # (batch, seq_len - 1) when shifting
+        log_probs = (0.0 - nll)[:, keep]
+        mask = mask[:, keep]
+        entropy = is_top1 = None
+        if stats is not None and "entropy" in outputs:
+            entropy = stats.entropy[:, keep]
+        if stats is not None and "is_top1" in outputs:
+            target = aligned[:, 1:] if shift else aligned
+            is_top1 = (stats.argmax[:, keep] == target) & mask
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs,
+                                   entropy=entropy, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def apply() -> None:
+    """Make TRL's trainers patch their models with fusedce's ``add_fused_lm_head``; a trainer
+    that asks for outputs fusedce does not compute (KTO's and DPO's ``mean_logits``,
+    ``log_sum_sq_probs``) keeps TRL's own head."""
+    for name in _TRAINER_MODULES:
+        try:
+            module = importlib.import_module(f"trl.trainer.{name}")
+        except ImportError:
+            continue
+        if hasattr(module, "add_fused_lm_head") and name not in _ORIGINALS:
+            original = _ORIGINALS[name] = module.add_fused_lm_head
+
+            def dispatch(model, temperature=1.0, cast_lm_head_to_fp32=False,
+                         outputs=("log_probs",), _original=original):
+                head = add_fused_lm_head if all(o in _SUPPORTED_OUTPUTS for o in outputs) \
+                    else _original
+                head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                     outputs=outputs)
+
+            module.add_fused_lm_head = dispatch
+
+
+def revert() -> None:
+    """Give TRL's trainers back TRL's own fused LM head."""
+    for name, original in list(_ORIGINALS.items()):
+        importlib.import_module(f"trl.trainer.{name}").add_fused_lm_head = original
+        del _ORIGINALS[name]
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0,
@@ -44,4 +151,5 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     return entropy.reshape(logits.shape[:-1])
 
 
-__all__ = ["entropy_from_logits", "selective_log_softmax"]
+__all__ = ["add_fused_lm_head", "apply", "entropy_from_logits", "revert",
+           "selective_log_softmax"]
