@@ -302,3 +302,64 @@ def test_packed_batches_never_score_the_next_document():
     assert rel_err(fce_hf.causal_lm_loss(logits, None, VOCAB, shift_labels=shifted),
                    torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).double(),
                                                      shifted.reshape(-1))) <= 1e-5
+
+
+class _Docs(torch.utils.data.Dataset):
+    """Documents of different lengths, to be packed into one row per batch."""
+
+    def __init__(self, n: int = 8, seed: int = 5):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [{"input_ids": torch.randint(1, VOCAB, (int(n_tok),), generator=g).tolist()}
+                      for n_tok in torch.randint(1, 9, (n,), generator=g)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _train_packed(tmp_path, mode: str, separators: bool):
+    """Three optimizer steps (2 packed micro-batches each: position_ids, no attention mask)
+    with the stock loss or fusedce's fused-linear forward; labels with -100 at each document's
+    first token (DataCollatorWithFlattening's default) or without any separator."""
+    flatten = transformers.DataCollatorWithFlattening()
+
+    def collate(features):
+        batch = flatten(features)
+        if not separators:
+            batch["labels"] = batch["input_ids"].clone()
+        return batch
+
+    model = _tiny_model(seed=2)
+    if mode == "fusedce":
+        fce_hf.apply(model, fused_linear=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"{mode}{separators}"), per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
+        dataloader_num_workers=0, lr_scheduler_type="constant", disable_tqdm=True,
+        remove_unused_columns=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Docs(),
+                                   data_collator=collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    fce_hf.revert(model)
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_trainer_packed_batches(tmp_path):
+    """Packed batches through Trainer with gradient accumulation: fusedce equals stock where
+    stock is right (separator labels), and without separators gives the same right answer
+    (stock then scores each document's first token from the previous document, and counts it
+    in num_items_in_batch)."""
+    ref_losses, ref_params = _train_packed(tmp_path, "stock", separators=True)
+    for separators in (True, False):
+        losses, params = _train_packed(tmp_path, "fusedce", separators)
+        assert len(losses) == len(ref_losses) == 3
+        for ours, ref in zip(losses, ref_losses):
+            assert ours == pytest.approx(ref, rel=1e-4), separators
+        for p, p_ref in zip(params, ref_params):
+            assert rel_err(p, p_ref) <= 1e-4, separators
+    wrong, _ = _train_packed(tmp_path, "stock", separators=False)
+    assert wrong[0] != pytest.approx(ref_losses[0], rel=1e-4)  # beyond the equality tolerance

@@ -192,6 +192,7 @@ def apply(model: Any | None = None, *, fused_linear: bool = False,
             first loss far from ln V, a drifting log-sum-exp, empty micro-batches, a summed
             accumulation), each finding warned once.  It reads the loss on the host each step.
     """
+    _patch_trainer_count()
     if model is not None:
         model.loss_function = causal_lm_loss
         if diagnose:
@@ -227,6 +228,53 @@ def apply(model: Any | None = None, *, fused_linear: bool = False,
     PreTrainedModel.loss_function = _patched_loss_function(original)
 
 
+_ORIGINAL_COUNT: list[Any] = []  # Trainer._get_num_items_in_batch before apply()
+
+
+def batch_targets(batch: dict, model: Any) -> Tensor | None:
+    """The targets fusedce's loss will score in a Trainer batch (None without labels): the
+    labels shifted by one (or ``shift_labels`` as given), cut at packed documents' boundaries
+    where the loss sees them (``position_ids`` of a fused-linear model, or ``cu_seq_lens_q``)."""
+    labels, shift = (batch.get("labels"), 1) if "shift_labels" not in batch else (
+        batch["shift_labels"], 0)
+    if not isinstance(labels, Tensor):
+        return None
+    from ..shifted import shifted_targets
+
+    positions = packed_positions(batch.get("position_ids"), batch.get("attention_mask"),
+                                 labels) if "_fusedce_original_forward" in model.__dict__ else None
+    cu_seqlens = batch.get("cu_seq_lens_q")
+    if cu_seqlens is not None and not (labels.dim() == 2 and labels.shape[0] == 1):
+        cu_seqlens = None
+    return shifted_targets(labels, shift, position_ids=positions, cu_seqlens=cu_seqlens)
+
+
+def _patch_trainer_count() -> None:
+    """Make ``Trainer`` count ``num_items_in_batch`` as fusedce's loss counts (the same as
+    transformers' count except in packed batches, where fusedce does not score the next
+    document's first token), for models fusedce is applied to."""
+    if _ORIGINAL_COUNT:
+        return
+    try:
+        from transformers import Trainer
+    except ImportError:  # transformers without Trainer's dependencies
+        return
+    original = Trainer._get_num_items_in_batch
+    _ORIGINAL_COUNT.append(original)
+
+    def count(self, batch_samples, device):
+        model = getattr(self.model, "module", self.model)
+        if not is_applied(model):
+            return original(self, batch_samples, device)
+        proxies = []
+        for batch in batch_samples:
+            targets = batch_targets(batch, model) if isinstance(batch, dict) else None
+            proxies.append(batch if targets is None else {**batch, "shift_labels": targets})
+        return original(self, proxies, device)
+
+    Trainer._get_num_items_in_batch = count
+
+
 def revert(model: Any | None = None) -> None:
     """Undo ``apply`` (for one model, or the process-wide patch)."""
     if model is not None:
@@ -241,6 +289,10 @@ def revert(model: Any | None = None) -> None:
         from transformers import PreTrainedModel
 
         PreTrainedModel.loss_function = _ORIGINAL_PROPERTY.pop()
+    if _ORIGINAL_COUNT:
+        from transformers import Trainer
+
+        Trainer._get_num_items_in_batch = _ORIGINAL_COUNT.pop()
 
 
 def is_applied(model: Any | None = None) -> bool:
