@@ -164,24 +164,45 @@ def ce_fwd(
 def _invariant_chunks(logits: Tensor, target: Tensor, grad: Tensor | None, args: tuple,
                       extra: dict, chunk_elements: int) -> RowResults:
     """``spec.batch_invariant``: the rows in chunks of one fixed number of rows (set by the
-    number of columns alone), each copied into a fixed scratch padded with ignored rows, so
-    that every PyTorch reduction runs at the same shape and layout whatever the batch (a
-    reduction over one row alone is split across threads, over many rows it is not: the sums
-    differ in their last bits).  Costs a copy of the logits (and of the gradient) through the
-    scratch; results are then bitwise the same for a row wherever it is."""
+    number of columns alone), so that every PyTorch reduction runs at the same shape and layout
+    whatever the batch (a reduction over one row alone is split across threads, over many rows
+    it is not: the sums differ in their last bits).  Whole chunks are computed where they are
+    when their float32 rows are packed as the scratch's are (16-bit logits are converted to a
+    packed chunk anyway) and the gradient does not alias the logits; the last, partial chunk
+    (or every chunk otherwise) is copied into a fixed scratch padded with ignored rows.  Results
+    are then bitwise the same for a row wherever it is."""
     weight, weight_sum, scale, spec = args
     n_rows, n_cols = logits.shape
     acc = accumulation_dtype(logits.dtype)
     rows = max(1, chunk_elements // max(n_cols, 1))
     device = logits.device
+    aliased = grad is not None and \
+        grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    packed = logits.dtype != acc or logits.stride(0) == n_cols
+    n_direct = n_rows // rows * rows if packed and not aliased else 0
+    outs = []
+    if n_direct:
+        def head(v: Tensor | None, dim: int = 0) -> Tensor | None:
+            return v if v is None or v.numel() <= 1 else v.narrow(dim, 0, n_direct)
+
+        stats_in, grads_in = extra["row_stats"], extra["stat_grads"]
+        outs.append(_ce_fwd_rows(
+            logits[:n_direct], target[:n_direct], weight, weight_sum, head(scale), spec,
+            head(grad), row_stats=None if stats_in is None else RowStats(
+                head(stats_in.partials, 1), head(stats_in.argmax)),
+            vocab=None, stats_out=head(extra["stats_out"], 1),
+            stat_grads=None if grads_in is None else (head(grads_in[0]), head(grads_in[1])),
+            chunk_elements=rows * max(n_cols, 1)))
+        if n_direct == n_rows:
+            return outs[0]
     x_pad = torch.zeros(rows, n_cols, dtype=logits.dtype, device=device)
     t_pad = torch.full((rows,), spec.ignore_index, dtype=torch.int64, device=device)
     g_pad = torch.empty(rows, n_cols, dtype=grad.dtype, device=device) \
         if grad is not None else None
     stats_out = extra["stats_out"]
     s_pad = torch.empty(4, rows, 1, dtype=acc, device=device) if stats_out is not None else None
-    outs, cache = [], {}  # (the scratch chunks, reused by every chunk)
-    for r0 in range(0, n_rows, rows):
+    cache: dict = {}  # (the scratch chunks, reused by every chunk)
+    for r0 in range(n_direct, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
         n = r1 - r0
         x_pad[:n].copy_(logits[r0:r1])
