@@ -177,7 +177,7 @@ def _linear_ce_pass_op(
     acc_b = torch.zeros(n_cols if need_b else 0, dtype=head.acc, device=w.device)
     buf_rows = chunk_size if invariant else min(chunk_size, n_rows)
     buf = torch.empty(buf_rows, n_cols, dtype=head.acc, device=x.device)
-    pad = _Padding(buf_rows, x, target, options.ignore_index) if invariant else None
+    pad = _Padding(buf_rows, options.ignore_index) if invariant else None
     parts = []
     for r0 in range(0, n_rows, chunk_size):
         r1 = min(r0 + chunk_size, n_rows)
@@ -214,7 +214,7 @@ class _Padding:
     """Fixed-size row chunks for ``batch_invariant``: a chunk of fewer rows is copied into a
     scratch of ``rows`` rows whose extra rows are zeros (targets: ignored)."""
 
-    def __init__(self, rows: int, x: Tensor, target: Tensor, ignore_index: int):
+    def __init__(self, rows: int, ignore_index: int):
         self.size, self.ignore_index = rows, ignore_index
         self.scratch: dict[int, Tensor] = {}
 

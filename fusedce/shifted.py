@@ -27,6 +27,8 @@ from torch import Tensor
 
 from . import checks
 from .functional import CrossEntropyStats, cross_entropy, linear_cross_entropy
+from .passes import reduction_scale
+from .spec import LossSpec
 
 
 class MultiTokenStats(NamedTuple):
@@ -214,14 +216,13 @@ def _blocks_loss(logits: Tensor, target: Tensor, weight, kwargs: dict):
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore = kwargs.get("ignore_index", -100)
     counted = targets != ignore
-    if reduction == "mean" and num_items is None:
-        w_t = torch.ones_like(targets, dtype=torch.float32) if weight is None else \
-            weight.float()[targets.clamp(0, logits.shape[-1] - 1)]
-        if token_weight is not None:
-            w_t = w_t * token_weight.reshape(targets.shape).float()
-        denom = torch.where(counted, w_t, 0.0).sum()
-    elif reduction == "mean":
-        denom = torch.as_tensor(num_items, dtype=torch.float32, device=logits.device)
+    if reduction == "mean":
+        # The mean's factor over all blocks, as one call would compute it.
+        scale = reduction_scale(
+            targets.reshape(-1), None if weight is None else weight.detach().float(),
+            LossSpec(ignore_index=ignore, reduction="mean", impl="torch"), logits.shape[-1],
+            checks.check_num_items(num_items, reduction, logits.device), torch.float32,
+            None if token_weight is None else token_weight.reshape(-1))[0]
     kw = dict(kwargs, reduction="sum" if reduction == "mean" else reduction)
     outs = []
     for i in range(blocks.shape[0]):
@@ -233,7 +234,7 @@ def _blocks_loss(logits: Tensor, target: Tensor, weight, kwargs: dict):
     else:
         loss = torch.stack(losses).sum()
         if reduction == "mean":
-            loss = torch.where(denom != 0, loss / denom, 0.0).to(loss.dtype)
+            loss = torch.where(scale != 0, loss * scale, 0.0).to(loss.dtype)
     if not stats_wanted:
         return loss
     stats = [o[1] for o in outs]
@@ -241,7 +242,7 @@ def _blocks_loss(logits: Tensor, target: Tensor, weight, kwargs: dict):
     accuracy = (torch.stack([s.accuracy for s in stats]) * n).sum() / n.sum().clamp_min(1.0)
     z = torch.stack([s.z_loss for s in stats])
     z_loss = z.reshape(target.shape) if reduction == "none" else (
-        z.sum() if reduction == "sum" else torch.where(denom != 0, z.sum() / denom, 0.0))
+        z.sum() if reduction == "sum" else torch.where(scale != 0, z.sum() * scale, 0.0))
     return loss, CrossEntropyStats(
         torch.stack([s.lse for s in stats]).reshape(target.shape), z_loss, accuracy,
         torch.stack([s.entropy for s in stats]).reshape(target.shape),
@@ -279,26 +280,16 @@ def _one_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_weig
                 tw = kwargs["token_weight"].reshape(-1, target.shape[-1])
                 kwargs["token_weight"] = F.pad(tw, (0, k - target.shape[-1])).reshape(-1)
             out = cross_entropy(rows, flat_target, weight, **kwargs)
-            return _drop_padding_rows(out, target, k, kwargs)
+            t_n = target.shape[-1]
+            return _per_row(out, kwargs,
+                            lambda v: v.reshape(-1, k)[:, :t_n].reshape(target.shape))
         out = cross_entropy(rows, flat_target, weight, **kwargs)
-    if kwargs.get("reduction", "mean") != "none":
-        return out
-    if kwargs.get("return_stats"):
-        loss, stats = out
-        return loss.reshape(target.shape), CrossEntropyStats(
-            stats.lse.reshape(target.shape), stats.z_loss.reshape(target.shape),
-            stats.accuracy, stats.entropy.reshape(target.shape),
-            stats.argmax.reshape(target.shape))
-    return out.reshape(target.shape)
+    return _per_row(out, kwargs, lambda v: v.reshape(target.shape))
 
 
-def _drop_padding_rows(out, target: Tensor, k: int, kwargs: dict):
-    """The per-row outputs of ``_RowsOfBlocks``' rows back to the target's shape."""
-    t_n = target.shape[-1]
-
-    def rows(v: Tensor) -> Tensor:
-        return v.reshape(-1, k)[:, :t_n].reshape(target.shape)
-
+def _per_row(out, kwargs: dict, rows):
+    """Apply ``rows`` (back to the labels' shape) to every per-row output of a call: the loss
+    of ``reduction="none"`` and the per-row statistics."""
     per_row = kwargs.get("reduction", "mean") == "none"
     if not kwargs.get("return_stats"):
         return rows(out) if per_row else out

@@ -1,0 +1,108 @@
+"""CPU measurements of two features' costs, written to ``bench/results/<device>/extras.md``:
+
+* multi-token prediction: peak extra memory of a 3-depth loss, fusedce's one call against a loop
+  of ``F.cross_entropy`` over ``logits[:, :-d]`` (what MTP code commonly writes);
+* ``batch_invariant=True``: time of the PyTorch implementation against the default.
+
+    python -m bench.extras
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from bench.device import device_name, device_slug
+from bench.memory import peak_extra_bytes
+from fusedce.testing import make_logits, make_targets
+
+CPU = torch.device("cpu")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mtp_memory(b_n: int = 4, t_n: int = 256, vocab: int = 16384, depths: int = 3) -> list[str]:
+    logits = [make_logits(b_n * t_n, vocab).reshape(b_n, t_n, vocab) for _ in range(depths)]
+    labels = torch.randint(0, vocab, (b_n, t_n))
+
+    def fused():
+        xs = tuple(x.detach().requires_grad_() for x in logits)
+        fusedce.shifted_cross_entropy(xs, labels, impl="torch").backward()
+
+    def loop():
+        total = 0.0
+        for d, x in enumerate(logits, start=1):
+            x = x.detach().requires_grad_()
+            w = 1.0 if d == 1 else 1.0 / (depths - 1)
+            total = total + w * F.cross_entropy(x[:, :-d].reshape(-1, vocab),
+                                                labels[:, d:].reshape(-1))
+        total.backward()
+
+    one = b_n * t_n * vocab * 4
+    lines = [f"## Multi-token prediction: {depths} depths of float32 ({b_n}, {t_n}, {vocab}) "
+             f"logits ({one >> 20} MiB each), forward + backward", "",
+             "| computation | peak extra MiB (min of 3) | x one depth's logits |", "|---|---|---|"]
+    for name, fn in (("fusedce.shifted_cross_entropy(tuple)", fused),
+                     ("loop of F.cross_entropy(logits[:, :-d])", loop)):
+        peak = min(peak_extra_bytes(fn, CPU) for _ in range(3))
+        lines.append(f"| {name} | {peak / 2**20:.0f} | {peak / one:.2f} |")
+    return lines
+
+
+def _median_ms(fn, repeats: int = 9) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2] * 1e3
+
+
+def invariance_cost() -> list[str]:
+    lines = ["## batch_invariant=True, PyTorch implementation (median of 9)", "",
+             "| dtype | shape | fwd+bwd ms (off -> on) | forward ms (off -> on) |",
+             "|---|---|---|---|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, c in ((2048, 32768), (64, 131072)):
+            x, t = make_logits(n, c, dtype), make_targets(n, c)
+            cells = []
+            for grad in (True, False):
+                ms = []
+                for invariant in (False, True):
+                    def step(invariant=invariant, grad=grad):
+                        with torch.set_grad_enabled(grad):
+                            logits = x.clone().requires_grad_() if grad else x
+                            loss = fusedce.cross_entropy(logits, t, impl="torch",
+                                                         batch_invariant=invariant)
+                            if grad:
+                                loss.backward()
+                    ms.append(_median_ms(step))
+                cells.append(f"{ms[0]:.1f} -> {ms[1]:.1f} ({ms[1] / ms[0]:.2f}x)")
+            lines.append(f"| {str(dtype)[6:]} | {n} x {c} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    import triton
+
+    header = [f"# fusedce feature costs on {device_name(CPU)}", "",
+              f"Generated {stamp} by `python -m bench.extras` (torch {torch.__version__}, "
+              f"triton {triton.__version__}, {torch.get_num_threads()} threads); CPU timings on "
+              "a shared machine vary between runs.", ""]
+    body = mtp_memory() + [""] + invariance_cost()
+    out = RESULTS / device_slug(CPU) / "extras.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header + body) + "\n")
+    print("\n".join(body))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
