@@ -89,6 +89,24 @@ def launch_config(
     return LaunchConfig(block_size, num_warps, n_splits, cols_per_split)
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` laid out densely in row-major order (a copy only when it is not already).
+
+    The kernels index every tensor but the logits and the gradient by a flat element offset
+    (``target_ptr + row``, ``weight_ptr + col``, ``partial_ptr + (k * n_rows + row) * P``):
+    a strided view (``labels[::2]``, a column ``labels[:, 0]``, an expanded ``grad_output``)
+    would be read at the wrong elements.  Each such tensor is O(rows) or O(classes), so the copy
+    is negligible beside the logits; the logits and the gradient take their row stride."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    """The logits and the gradient are read by row stride and unit column stride."""
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name} must be (N, C) with a unit column stride, got shape "
+                         f"{tuple(t.shape)} and strides {t.stride()}")
+
+
 def _flags(weight: torch.Tensor | None, spec: LossSpec) -> dict:
     return dict(HAS_WEIGHT=weight is not None, HAS_SMOOTHING=spec.has_smoothing,
                 HAS_SCALE=spec.has_scale, HAS_SOFTCAP=spec.has_softcap,
@@ -129,6 +147,8 @@ def ce_row_stats(
     """
     n_rows, n_cols = logits.shape
     device = logits.device
+    _check_rows("logits", logits)
+    target, weight = _dense(target), _dense(weight)
     cfg = _config(logits, spec, n_splits)
     partials = torch.empty(4, n_rows, cfg.n_splits, dtype=torch.float32, device=device)
     argmax = torch.empty((n_rows, cfg.n_splits) if spec.return_stats else (0,),
@@ -212,6 +232,19 @@ def ce_fwd(
     out = _empty_results(n_rows, spec, device)
     if n_rows == 0:
         return out
+    _check_rows("logits", logits)
+    if grad is not None:
+        _check_rows("grad", grad)
+    target, weight, weight_sum, scale = (_dense(t) for t in (target, weight, weight_sum, scale))
+    if row_stats is not None:
+        row_stats = RowStats(_dense(row_stats.partials), _dense(row_stats.argmax))
+    if vocab is not None:
+        vocab = vocab._replace(target_logit=_dense(vocab.target_logit),
+                               target_weight=_dense(vocab.target_weight))
+    if stat_grads is not None:
+        stat_grads = (_dense(stat_grads[0]), _dense(stat_grads[1]))
+    if stats_out is not None and not stats_out.is_contiguous():
+        raise ValueError("ce_fwd's stats_out must be contiguous (it is written by flat offset)")
     cfg = _config(logits, spec)
     if row_stats is None and cfg.n_splits > 1:
         row_stats = ce_row_stats(logits, target, weight, spec, n_splits=cfg.n_splits)
@@ -277,6 +310,7 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
             ``grad_output == 1`` costs one launch of at most four programs per SM, each reading
             one scalar per row it owns, and no traffic of the gradient.
     """
+    _check_rows("grad", grad)
     n_rows, n_cols = grad.shape
     if n_rows == 0 or n_cols == 0:
         return
@@ -301,6 +335,7 @@ def ce_scale(target: torch.Tensor, weight: torch.Tensor | None, items: torch.Ten
              spec: LossSpec, n_classes: int) -> torch.Tensor:
     """The (1,) float32 scale of a ``mean`` in one launch: 1 / the counted targets' number or
     class weight (0 when that is 0), or 1 / ``items`` (a one-element tensor)."""
+    target, weight, items = _dense(target), _dense(weight), _dense(items)
     scale = torch.empty(1, dtype=torch.float32, device=target.device)
     ce_scale_kernel[(1,)](
         target_ptr=target,
@@ -322,6 +357,7 @@ def ce_reduce(rows: torch.Tensor, scale: torch.Tensor | None, out_dtype: torch.d
               ) -> torch.Tensor:
     """sum(rows), times ``scale`` when given (+0 when it is 0), as a scalar of ``out_dtype``,
     in one launch and a fixed order."""
+    rows, scale = _dense(rows), _dense(scale)
     out = torch.empty((), dtype=out_dtype, device=rows.device)
     ce_reduce_kernel[(1,)](
         rows_ptr=rows,
