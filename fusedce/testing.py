@@ -124,7 +124,9 @@ def _extras_core(x: Tensor, target: Tensor, weight: Tensor | None = None,
     z_t = z.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)
     w_t = w[t_safe]
     eps = label_smoothing
-    rows = (1 - eps) * w_t * (lse - z_t) + eps / n_cols * ((lse.unsqueeze(-1) - z) * w).sum(-1)
+    rows = (1 - eps) * w_t * (lse - z_t)
+    if eps:  # (a -inf logit's smoothing term is +inf: only with smoothing)
+        rows = rows + eps / n_cols * ((lse.unsqueeze(-1) - z) * w).sum(-1)
     z_rows = torch.where(counted, lse_square_scale * w_t * lse**2, 0.0)
     rows = torch.where(counted, rows, 0.0) + z_rows
     if token_weight is not None:

@@ -452,6 +452,9 @@ def _gradient_chunk(buf: Tensor, z: Tensor, spec: LossSpec, ignored: Tensor, own
         zm, e_over_d, g_lse, g_h = entropy_part
         # p * (a + g_lse - g_H * ((z - m) - e / d)), built in zm.
         zm.sub_(e_over_d.unsqueeze(1)).mul_(-g_h.unsqueeze(1)).add_((a + g_lse).unsqueeze(1))
+        # A masked column (z = -inf) has p = 0 and an exactly zero gradient, where its factor
+        # is infinite (or NaN for g_H = 0): 0 * inf would be NaN.
+        zm.masked_fill_(buf == 0, 0.0)
         buf.mul_(zm)
     buf.scatter_add_(1, local, torch.where(owned, -b, 0.0).unsqueeze(1).to(buf.dtype))
     if eps > 0.0:

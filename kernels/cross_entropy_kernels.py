@@ -249,7 +249,9 @@ def _grad_values(x, m, log_d, a, s, w, beta, e_over_d, logit_scale, softcap,
     z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
     p = tl.math.exp2((z - m) * _LOG2E - log_d * _LOG2E)
     if HAS_STAT_GRADS:
-        g = (a + beta * ((z - m) - e_over_d)) * p
+        # A masked column (z = -inf) has p = 0 and an exactly zero gradient; the entropy's
+        # factor (z - m) is -inf there, and 0 * inf would be NaN.
+        g = tl.where(p > 0.0, (a + beta * ((z - m) - e_over_d)) * p, 0.0)
     else:
         g = a * p
     if HAS_SMOOTHING:

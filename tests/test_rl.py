@@ -367,3 +367,33 @@ def test_differentiable_stats_memory():
     # The clone and the gradient are two logits-sized tensors; scratch chunks are 4 MiB each.
     assert off <= plain + (8 << 20), (off, plain)
     assert on <= 2 * logits_bytes + (24 << 20), (on, logits_bytes)
+
+
+@pytest.mark.parametrize("tiling", list(TILINGS))
+@pytest.mark.parametrize("parts", ["loss+entropy+lse", "entropy"])
+def test_masked_vocabulary_differentiable_stats_gradient(impl, device, tiling, parts):
+    """-inf columns (a masked or padded vocabulary, 30% of it), targets reachable: loss, lse,
+    entropy and the gradient of ``a * loss + b * entropy + c * lse`` are the formula's, and a
+    masked column's gradient is exactly 0 (not the NaN of ``0 * inf`` in the entropy's term)."""
+    if impl == "torch" and tiling != "one_block":
+        pytest.skip("tiling is the kernels'")
+    n, c = 6, 300
+    g = torch.Generator().manual_seed(7)
+    masked = torch.rand(c, generator=g) < 0.3
+    logits = make_logits(n, c, device=device)
+    logits[:, masked.to(device)] = float("-inf")
+    allowed = torch.nonzero(~masked).squeeze(1)
+    target = allowed[torch.randint(0, allowed.numel(), (n,), generator=g)].to(device)
+    target[2] = -100
+    x = logits.clone().requires_grad_()
+    opts = dict(temperature=0.8, logit_scale=1.1)
+    loss, lse, _, _, entropy, _ = _apply(x, target, impl, reduction="none",
+                                         differentiable_stats=True, **opts, **TILINGS[tiling])
+    coefficients = {k: torch.randn(n, device=device) for k in parts.split("+")}
+    values = {"loss": loss, "entropy": entropy, "lse": lse}
+    sum((coefficients[k] * values[k]).sum() for k in coefficients).backward()
+    ref = reference_objective(logits, target, coefficients, **opts)
+    assert torch.isfinite(x.grad).all()
+    assert torch.all(x.grad[:, masked.to(device)] == 0)
+    assert rel_err(x.grad, ref["grad"]) < TOL
+    assert rel_err(loss, ref["loss"]) < TOL and rel_err(entropy, ref["entropy"]) < TOL
