@@ -290,6 +290,51 @@ def check_inplace_target(input: Tensor, logits: Tensor) -> None:
     )
 
 
+def may_overlap(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share a storage element: its dimensions (size > 1),
+    sorted by stride, each step past everything the smaller ones span, or it may overlap
+    (``expand``, ``as_strided``; conservative for exotic interleaved layouts)."""
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def _storage_span(t: Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) ``t`` can touch."""
+    if t.numel() == 0:
+        return t.untyped_storage().data_ptr(), 0, 0
+    size = t.element_size()
+    first = t.storage_offset() * size
+    last = first + sum(st * (sz - 1) for st, sz in zip(t.stride(), t.shape)) * size + size
+    return t.untyped_storage().data_ptr(), first, last
+
+
+def check_inplace_storage(tensors) -> None:
+    """``inplace_backward=True`` over several logits tensors of one call (multi-token depths,
+    or one tensor read sequence by sequence): refuse, before anything is written, a tensor
+    whose elements may overlap and tensors that share storage bytes."""
+    spans = []
+    for i, t in enumerate(tensors):
+        if may_overlap(t):
+            raise ValueError(
+                f"inplace_backward=True needs logits whose elements do not overlap in memory; "
+                f"got shape {tuple(t.shape)} with strides {t.stride()}"
+                f"{f' (depth {i + 1})' if len(tensors) > 1 else ''} (an expanded or "
+                f"as_strided tensor): pass inplace_backward=False, or a contiguous copy")
+        spans.append(_storage_span(t))
+    for i, (ptr_i, lo_i, hi_i) in enumerate(spans):
+        for j in range(i):
+            ptr_j, lo_j, hi_j = spans[j]
+            if ptr_i == ptr_j and lo_i < hi_j and lo_j < hi_i:
+                raise ValueError(
+                    f"inplace_backward=True would write depths {j + 1} and {i + 1} into the "
+                    f"same memory (their logits share a storage): pass inplace_backward=False, "
+                    f"or separate tensors")
+
+
 def _is_view_of_grad_leaf(t: Tensor) -> bool:
     """Whether ``t`` is a view (through any chain of view operations) of a leaf that requires
     grad: its autograd history is view nodes down to the leaf's accumulator."""

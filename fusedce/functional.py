@@ -7,6 +7,9 @@ column stride, (N,) int64 targets), and hand over to the autograd Functions.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -43,16 +46,21 @@ class CrossEntropyStats(NamedTuple):
     argmax: Tensor
 
 
-def _probability_loss(logits: Tensor, target: Tensor, weight: Tensor | None,
-                      options: dict) -> Tensor:
-    """Class probabilities: PyTorch's own implementation, with PyTorch's semantics."""
+def _check_probability_call(weight: Tensor | None, n_classes: int, device: torch.device,
+                            options: dict) -> None:
+    """Class-probability targets take PyTorch's own keywords only."""
     checks.check_keywords(options)
-    checks.check_weight(weight, logits.shape[-1] if logits.dim() == 1 else logits.shape[1],
-                        logits.device)
+    checks.check_weight(weight, n_classes, device)
     extras = checks.class_only_keywords(options)
     if extras:
         raise ValueError(f"{', '.join(extras)} need class-index targets; got class "
                          f"probabilities")
+
+
+def _probability_loss(logits: Tensor, target: Tensor, weight: Tensor | None,
+                      options: dict) -> Tensor:
+    """Class probabilities (checked by ``_check_probability_call``): PyTorch's own
+    implementation, with PyTorch's semantics."""
     if weight is not None:
         weight = weight.to(logits.dtype)
     return F.cross_entropy(logits, target, weight, ignore_index=options["ignore_index"],
@@ -110,7 +118,7 @@ def cross_entropy(
     batch_invariant: bool = False,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
-    (Long for its docstring, the public contract; the work is in ``_cross_entropy``.)
+    (Long for its docstring, the public contract; the work is in ``prepare_cross_entropy``.)
 
     The loss and the gradient of the logits are computed in one pass over the logits (float32
     arithmetic for 16- and 32-bit logits, float64 for float64); the backward only applies
@@ -190,28 +198,48 @@ def cross_entropy(
     gives loss 0 and a zero gradient instead of NaN or inf; rows whose target is ignored get an
     exactly zero gradient even when their logits are not finite; no double backward.
     """
-    options = dict(locals())  # the keywords, before any other name is bound
+    return prepare_cross_entropy(dict(locals()))()
+
+
+def call_options(function: Callable, *args, **kwargs) -> dict:
+    """The keywords of a call of the public ``function`` (``cross_entropy`` or
+    ``linear_cross_entropy``) with every default filled in, as its ``locals()`` on entry; an
+    unknown keyword is the ``TypeError`` the call itself would raise."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def prepare_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
+    """Check a ``cross_entropy`` call (its keywords as a dict) and return the call itself, not
+    yet run: callers that make several calls (multi-token depths) check them all before any of
+    them computes or writes anything."""
+    input, target, weight = options["input"], options["target"], options["weight"]
+    process_group = options["process_group"]
     n_classes = checks.check_logits(input, sliced=process_group is not None)
     checks.check_tensor("target", target)
     if target.is_floating_point() and target.shape == input.shape:
-        return _probability_loss(input, target, weight, options)
+        _check_probability_call(weight, n_classes, input.device, options)
+        return functools.partial(_probability_loss, input, target, weight, options)
     checks.check_class_target(input, target)
     checks.check_weight(weight, None if process_group is not None else n_classes, input.device)
-    spec = checks.make_spec(options, resolve_impl(impl, input.device, input.dtype))
-    checks.check_token_weight(token_weight, target)
-    num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
-    return _cross_entropy(input, target, weight, num_items, spec, n_classes, process_group,
-                          token_weight)
-
-
-def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, num_items,
-                   spec: LossSpec, n_classes: int, process_group,
-                   token_weight: Tensor | None = None) -> Tensor | tuple:
-    """``cross_entropy`` after its checks: layouts, then the Function (or a plain pass)."""
+    spec = checks.make_spec(options, resolve_impl(options["impl"], input.device, input.dtype))
+    checks.check_token_weight(options["token_weight"], target)
+    num_items = checks.check_num_items(options["num_items_in_batch"], spec.reduction,
+                                       input.device)
     logits = _as_rows(input, n_classes)
-    wants_grad = torch.is_grad_enabled() and input.requires_grad
-    if spec.inplace_backward and wants_grad:
+    if spec.inplace_backward and torch.is_grad_enabled() and input.requires_grad:
         checks.check_inplace_target(input, logits)
+    return functools.partial(_cross_entropy, input, logits, target, weight, num_items, spec,
+                             n_classes, process_group, options["token_weight"])
+
+
+def _cross_entropy(input: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None,
+                   num_items, spec: LossSpec, n_classes: int, process_group,
+                   token_weight: Tensor | None = None) -> Tensor | tuple:
+    """``cross_entropy`` after its checks: the Function (or a plain pass) on the (N, C) rows
+    ``logits`` of ``input``."""
+    wants_grad = torch.is_grad_enabled() and input.requires_grad
     flat_target = target.reshape(-1).to(torch.int64)
     math_dtype = spec.math_dtype(logits.dtype)
     if weight is not None:
@@ -320,21 +348,47 @@ def linear_cross_entropy(
         The loss (the target's shape for ``none``); with ``return_stats``,
         ``(loss, CrossEntropyStats)``.
     """
-    options = dict(locals())  # the keywords, before any other name is bound
+    return prepare_linear_cross_entropy(dict(locals()))()
+
+
+def _linear_probability_loss(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
+                             target: Tensor, weight: Tensor | None, options: dict) -> Tensor:
+    loss = _probability_loss(F.linear(input, linear_weight, linear_bias), target, weight,
+                             dict(options, out_dtype=None))
+    return loss.to(options["out_dtype"]) if options["out_dtype"] is not None else loss
+
+
+def prepare_linear_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
+    """Check a ``linear_cross_entropy`` call (its keywords as a dict) and return the call,
+    not yet run (see ``prepare_cross_entropy``)."""
+    input, linear_weight, target = options["input"], options["linear_weight"], options["target"]
+    linear_bias, weight = options["linear_bias"], options["weight"]
+    reduction, chunk_size = options["reduction"], options["chunk_size"]
+    token_weight = options["token_weight"]
     n_classes = linear.check_linear_inputs(input, linear_weight, linear_bias)
     checks.check_tensor("target", target)
     if target.is_floating_point() and tuple(target.shape) == tuple(input.shape[:-1]) + (
             n_classes,):
-        loss = _probability_loss(F.linear(input, linear_weight, linear_bias), target, weight,
-                                 dict(options, out_dtype=None))
-        return loss.to(out_dtype) if out_dtype is not None else loss
+        _check_probability_call(weight, n_classes, input.device,
+                                dict(options, out_dtype=None))
+        return functools.partial(_linear_probability_loss, input, linear_weight, linear_bias,
+                                 target, weight, options)
     checks.check_class_target(input, target, class_dim=None)
     checks.check_weight(weight, n_classes, input.device)
     if chunk_size is not None and (not checks.is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    spec = checks.make_spec(options, resolve_impl(impl, input.device, input.dtype))
+    spec = checks.make_spec(options, resolve_impl(options["impl"], input.device, input.dtype))
     checks.check_token_weight(token_weight, target)
-    num_items = checks.check_num_items(num_items_in_batch, reduction, input.device)
+    num_items = checks.check_num_items(options["num_items_in_batch"], reduction, input.device)
+    return functools.partial(_linear_cross_entropy, input, linear_weight, target, linear_bias,
+                             weight, num_items, spec, chunk_size, token_weight)
+
+
+def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
+                          linear_bias: Tensor | None, weight: Tensor | None, num_items,
+                          spec: LossSpec, chunk_size: int | None,
+                          token_weight: Tensor | None) -> Tensor | tuple:
+    """``linear_cross_entropy`` after its checks."""
     x = input.reshape(-1, input.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -384,6 +438,8 @@ def token_logprobs(
     Returns:
         (...) float32 log-probabilities; with ``return_entropy``, ``(logprobs, entropy)``.
     """
+    checks.check_tensor("logits_or_hidden", logits_or_hidden)
+    checks.check_tensor("target", target)
     common = dict(reduction="none", ignore_index=ignore_index, temperature=temperature,
                   logit_scale=logit_scale, softcap=softcap, batch_invariant=batch_invariant,
                   return_stats=return_entropy, differentiable_stats=return_entropy,

@@ -7,7 +7,8 @@ crosses a document boundary (``cu_seqlens`` or restarting ``position_ids`` of pa
 falls on a masked position (``attention_mask`` 0) or on ``ignore_index``.  The logits are read
 where they are: a (..., T, V) tensor whose rows form a view is one pass, and so is
 ``logits[:, :-1]`` (its sequences are rows of the same storage, the rows between them ignored);
-any other layout is read sequence by sequence, never copied.  The only per-token array
+any other layout is read sequence by sequence, never copied (out of place only: in place, each
+sequence's write would change the storage the others' autograd records hold).  The only per-token array
 made is the targets themselves: one int64 per position, built on the device in one expression
 (8 bytes per token beside the logits' ``2 * V``), so the shift and the masks cannot drift apart
 and no label has to be prepared with -100 by hand.
@@ -26,9 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
-from .functional import CrossEntropyStats, cross_entropy, linear_cross_entropy
+from .functional import (
+    CrossEntropyStats,
+    call_options,
+    cross_entropy,
+    linear_cross_entropy,
+    prepare_cross_entropy,
+    prepare_linear_cross_entropy,
+)
 from .passes import reduction_scale
-from .spec import LossSpec
+from .spec import LossSpec, accumulation_dtype
 
 
 class MultiTokenStats(NamedTuple):
@@ -206,39 +214,46 @@ def _row_spacing(blocks: Tensor) -> int | None:
 
 
 def _blocks_loss(logits: Tensor, target: Tensor, weight, kwargs: dict):
-    """Logits whose rows do not form a view (``logits[:, :-1]``): one ``cross_entropy`` per
-    leading index, each a (T, V) view, combined into the reduction asked for."""
+    """Logits whose rows do not form a view (``logits[:, :-1]`` without a common row spacing,
+    transposed logits): one ``cross_entropy`` per leading index, each a (T, V) view, combined
+    into the reduction asked for.  Every call is checked before any runs; the per-block losses
+    are summed in the math dtype (float64 for float64 logits) and rounded once."""
     reduction = kwargs.get("reduction", "mean")
     stats_wanted = kwargs.get("return_stats", False)
+    out_dtype = kwargs.get("out_dtype") or logits.dtype
+    acc = accumulation_dtype(logits.dtype)
     blocks = logits.reshape(-1, *logits.shape[-2:])  # leading dims: a view for slices
     targets = target.reshape(-1, target.shape[-1])
     token_weight = kwargs.pop("token_weight", None)
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore = kwargs.get("ignore_index", -100)
     counted = targets != ignore
+    kw = dict(kwargs, reduction="sum" if reduction == "mean" else reduction, out_dtype=acc)
+    calls = []
+    for i in range(blocks.shape[0]):
+        tw = token_weight.reshape(targets.shape)[i] if token_weight is not None else None
+        calls.append(prepare_cross_entropy(
+            call_options(cross_entropy, blocks[i], targets[i], weight, token_weight=tw, **kw)))
     if reduction == "mean":
         # The mean's factor over all blocks, as one call would compute it.
         scale = reduction_scale(
-            targets.reshape(-1), None if weight is None else weight.detach().float(),
+            targets.reshape(-1), None if weight is None else weight.detach().to(acc),
             LossSpec(ignore_index=ignore, reduction="mean", impl="torch"), logits.shape[-1],
-            checks.check_num_items(num_items, reduction, logits.device), torch.float32,
-            None if token_weight is None else token_weight.reshape(-1))[0]
-    kw = dict(kwargs, reduction="sum" if reduction == "mean" else reduction)
-    outs = []
-    for i in range(blocks.shape[0]):
-        tw = token_weight.reshape(targets.shape)[i] if token_weight is not None else None
-        outs.append(cross_entropy(blocks[i], targets[i], weight, token_weight=tw, **kw))
+            checks.check_num_items(num_items, reduction, logits.device), acc,
+            None if token_weight is None else token_weight.reshape(-1).to(acc))[0]
+    outs = [call() for call in calls]
     losses = [o[0] if stats_wanted else o for o in outs]
     if reduction == "none":
         loss = torch.stack(losses).reshape(target.shape)
     else:
         loss = torch.stack(losses).sum()
         if reduction == "mean":
-            loss = torch.where(scale != 0, loss * scale, 0.0).to(loss.dtype)
+            loss = torch.where(scale != 0, loss * scale, 0.0)
+    loss = loss.to(out_dtype)
     if not stats_wanted:
         return loss
     stats = [o[1] for o in outs]
-    n = counted.sum(dim=1).float()
+    n = counted.sum(dim=1).to(acc)
     accuracy = (torch.stack([s.accuracy for s in stats]) * n).sum() / n.sum().clamp_min(1.0)
     z = torch.stack([s.z_loss for s in stats])
     z_loss = z.reshape(target.shape) if reduction == "none" else (
@@ -249,42 +264,71 @@ def _blocks_loss(logits: Tensor, target: Tensor, weight, kwargs: dict):
         torch.stack([s.argmax for s in stats]).reshape(target.shape))
 
 
-def _one_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_weight):
+def _prepare_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_weight):
+    """Check one depth's call and return it, not yet run (a callable)."""
     if kwargs.get("token_weight") is not None:
+        checks.check_tensor("token_weight", kwargs["token_weight"])
         if tuple(kwargs["token_weight"].shape) != tuple(target.shape):
             raise ValueError(f"token_weight must have the labels' shape {tuple(target.shape)},"
                              f" got {tuple(kwargs['token_weight'].shape)}")
         if linear_weight is not None or _flat_rows(logits) is not None:
             kwargs["token_weight"] = kwargs["token_weight"].reshape(-1)
+
+    def back_to_labels(v: Tensor) -> Tensor:
+        return v.reshape(target.shape)
+
     if linear_weight is not None:
         hidden = logits.reshape(-1, logits.shape[-1])
-        out = linear_cross_entropy(hidden, linear_weight, target.reshape(-1), weight=weight,
-                                   **kwargs)
-    else:
-        if logits.dim() < 2 or tuple(logits.shape[:-1]) != tuple(target.shape):
-            raise ValueError(f"logits must have shape labels.shape + (V,) = "
-                             f"{tuple(target.shape)} + (V,), got {tuple(logits.shape)}")
-        rows = _flat_rows(logits)
-        flat_target = target.reshape(-1)
-        if rows is None:
-            blocks = logits.reshape(-1, *logits.shape[-2:])  # a view for slices
-            k = None if kwargs.get("inplace_backward") else _row_spacing(blocks)
-            if k is None:
-                return _blocks_loss(logits, target, weight, dict(kwargs))
-            rows = _RowsOfBlocks.apply(blocks, k)
-            # Targets of the rows between the sequences: ignored (never read, zero gradient).
-            ignore = kwargs.get("ignore_index", -100)
-            flat_target = F.pad(target.reshape(-1, target.shape[-1]),
-                                (0, k - target.shape[-1]), value=ignore).reshape(-1)
-            if kwargs.get("token_weight") is not None:
-                tw = kwargs["token_weight"].reshape(-1, target.shape[-1])
-                kwargs["token_weight"] = F.pad(tw, (0, k - target.shape[-1])).reshape(-1)
-            out = cross_entropy(rows, flat_target, weight, **kwargs)
-            t_n = target.shape[-1]
-            return _per_row(out, kwargs,
+        call = prepare_linear_cross_entropy(call_options(
+            linear_cross_entropy, hidden, linear_weight, target.reshape(-1), weight=weight,
+            **kwargs))
+        return lambda: _per_row(call(), kwargs, back_to_labels)
+    if logits.dim() < 2 or tuple(logits.shape[:-1]) != tuple(target.shape):
+        raise ValueError(f"logits must have shape labels.shape + (V,) = "
+                         f"{tuple(target.shape)} + (V,), got {tuple(logits.shape)}")
+    rows = _flat_rows(logits)
+    if rows is not None:
+        call = prepare_cross_entropy(call_options(cross_entropy, rows, target.reshape(-1),
+                                                  weight, **kwargs))
+        return lambda: _per_row(call(), kwargs, back_to_labels)
+    blocks = logits.reshape(-1, *logits.shape[-2:])  # a view for slices
+    if kwargs.get("inplace_backward") and blocks.shape[0] > 1:
+        # Each block's pass would write into the one storage while the others' autograd
+        # records still hold it; refused before anything is written.
+        raise ValueError(
+            f"inplace_backward=True needs logits whose positions form the rows of one view "
+            f"(a contiguous (..., T, V) tensor or a slice of its rows); got shape "
+            f"{tuple(logits.shape)} with strides {logits.stride()} (e.g. logits[:, :-1] or "
+            f"transposed logits): pass inplace_backward=False (the logits are still read in "
+            f"place) or contiguous logits")
+    k = None if kwargs.get("inplace_backward") else _row_spacing(blocks)
+    if k is None:
+        kw = dict(kwargs)
+        if kw.get("token_weight") is not None:
+            checks.check_token_weight(kw["token_weight"], target)
+        # Check every block's call (and the mean's denominator) before any runs.
+        for i in range(blocks.shape[0]):
+            tw = kw["token_weight"].reshape(-1, target.shape[-1])[i] \
+                if kw.get("token_weight") is not None else None
+            prepare_cross_entropy(call_options(
+                cross_entropy, blocks[i], target.reshape(-1, target.shape[-1])[i], weight,
+                **dict(kw, token_weight=tw, num_items_in_batch=None)))
+        checks.check_num_items(kw.get("num_items_in_batch"), kw.get("reduction", "mean"),
+                               logits.device)
+        return lambda: _blocks_loss(logits, target, weight, dict(kw))
+    rows = _RowsOfBlocks.apply(blocks, k)
+    # Targets of the rows between the sequences: ignored (never read, zero gradient).
+    ignore = kwargs.get("ignore_index", -100)
+    flat_target = F.pad(target.reshape(-1, target.shape[-1]),
+                        (0, k - target.shape[-1]), value=ignore).reshape(-1)
+    if kwargs.get("token_weight") is not None:
+        tw = kwargs["token_weight"].reshape(-1, target.shape[-1])
+        kwargs["token_weight"] = F.pad(tw, (0, k - target.shape[-1])).reshape(-1)
+    call = prepare_cross_entropy(call_options(cross_entropy, rows, flat_target, weight,
+                                              **kwargs))
+    t_n = target.shape[-1]
+    return lambda: _per_row(call(), kwargs,
                             lambda v: v.reshape(-1, k)[:, :t_n].reshape(target.shape))
-        out = cross_entropy(rows, flat_target, weight, **kwargs)
-    return _per_row(out, kwargs, lambda v: v.reshape(target.shape))
 
 
 def _per_row(out, kwargs: dict, rows):
@@ -301,7 +345,11 @@ def _per_row(out, kwargs: dict, rows):
 
 def _shifted(logits, labels, shift, attention_mask, cu_seqlens, position_ids, depth_weights,
              kwargs: dict, linear_weight=None):
+    checks.check_tensor("labels", labels)
     tensors, shifts, multi = _depths(logits, shift)
+    name = "logits" if linear_weight is None else "hidden"
+    for x in tensors:
+        checks.check_tensor(name, x)
     weights = _depth_weights(depth_weights, len(tensors))
     ignore_index = kwargs.get("ignore_index", -100)
     weight = kwargs.pop("weight", None)
@@ -313,14 +361,19 @@ def _shifted(logits, labels, shift, attention_mask, cu_seqlens, position_ids, de
         items = tuple(num_items)
     else:
         items = (num_items,) * len(tensors)
-    results, targets = [], []
+    if kwargs.get("inplace_backward") is True:
+        # The whole call's storage: no depth overlaps itself or another depth.
+        checks.check_inplace_storage(tensors)
+    # Every depth is checked before any depth computes (or, in place, writes) anything.
+    calls, targets = [], []
     for x, s, n_items in zip(tensors, shifts, items):
         target = shifted_targets(labels.to(x.device), s, attention_mask=attention_mask,
                                  cu_seqlens=cu_seqlens, position_ids=position_ids,
                                  ignore_index=ignore_index)
         targets.append(target)
-        results.append(_one_depth(x, target, weight, dict(kwargs, num_items_in_batch=n_items),
-                                  linear_weight))
+        calls.append(_prepare_depth(x, target, weight, dict(kwargs, num_items_in_batch=n_items),
+                                    linear_weight))
+    results = [call() for call in calls]
     if not multi:
         return results[0]
     stats_wanted = kwargs.get("return_stats", False)
@@ -370,7 +423,10 @@ def shifted_cross_entropy(
             ``reduction``, ``label_smoothing``, extras, ``return_stats``,
             ``num_items_in_batch`` (a tuple of one count per depth is accepted),
             ``inplace_backward``, ...), with the same meaning.  Uncounted positions get loss 0
-            and an exactly zero gradient.
+            and an exactly zero gradient.  Every depth's call is checked before any depth is
+            computed; with ``inplace_backward=True`` the logits must be the rows of one view
+            (a contiguous (..., T, V) tensor or a slice of its rows) and depths must not share
+            memory, else an error is raised before anything is written.
 
     Returns:
         As ``fusedce.cross_entropy`` (``reduction="none"``: the labels' shape).  With a tuple
@@ -396,12 +452,15 @@ def shifted_linear_cross_entropy(
     """``shifted_cross_entropy`` of ``hidden @ linear_weight.T`` (plus ``linear_bias``) from
     (..., T, H) hidden states (or a tuple, one per depth), never holding the logits; keywords
     as ``fusedce.linear_cross_entropy``'s."""
+    checks.check_tensor("labels", labels)
     if isinstance(hidden, (tuple, list)):
         for h in hidden:
+            checks.check_tensor("hidden", h)
             if tuple(h.shape[:-1]) != tuple(labels.shape):
                 raise ValueError(f"hidden states must have shape labels.shape + (H,), got "
                                  f"{tuple(h.shape)} for labels {tuple(labels.shape)}")
-    elif tuple(hidden.shape[:-1]) != tuple(labels.shape):
+    elif checks.check_tensor("hidden", hidden) or tuple(hidden.shape[:-1]) != tuple(
+            labels.shape):
         raise ValueError(f"hidden must have shape labels.shape + (H,) = {tuple(labels.shape)} "
                          f"+ (H,), got {tuple(hidden.shape)}")
     return _shifted(hidden, labels, shift, attention_mask, cu_seqlens, position_ids,
