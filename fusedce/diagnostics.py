@@ -229,21 +229,34 @@ class LossMonitor:
         if self.warn:
             warnings.warn(f"fusedce [{code}] {message}", LossDiagnosticWarning, stacklevel=3)
 
+    def report_labels(self, report: LabelReport) -> None:
+        """Record (and warn, once per code) the findings of a ``check_labels`` report."""
+        for finding in report.findings:
+            self._report(finding.code, finding.severity, finding.message, finding.count)
+
     def update(self, loss: Tensor | float, stats=None, *, counted: int | None = None
                ) -> list[Finding]:
         """Check one step; return the findings new at this step."""
         before = len(self.findings)
         lse_sum = bad = 0
+        entropy_sum = None
+        per_token = isinstance(loss, Tensor) and loss.numel() > 1  # reduction="none"
         if stats is not None:
             # One read from the device for everything this step needs.
             lse = stats.lse.detach().float()
-            loss_t = loss.detach().float().mean() if isinstance(loss, Tensor) \
+            loss_t = loss.detach().float() if isinstance(loss, Tensor) \
                 else torch.tensor(float(loss))
-            value, lse_sum, nonzero, bad = torch.stack([
-                loss_t.to(lse.device), lse.sum(), (lse != 0).sum().float(),
-                (~torch.isfinite(lse)).sum().float()]).tolist()
+            if per_token:  # the mean over counted tokens (ignored ones are 0)
+                loss_t = loss_t.sum() / (lse != 0).sum().clamp_min(1)
+            entropy = getattr(stats, "entropy", None)
+            has_entropy = entropy is not None and entropy.numel() == lse.numel()
+            entropy_t = entropy.detach().float().sum() if has_entropy else lse.new_zeros(())
+            value, lse_sum, nonzero, bad, entropy_sum = torch.stack([
+                loss_t.mean().to(lse.device), lse.sum(), (lse != 0).sum().float(),
+                (~torch.isfinite(lse)).sum().float(), entropy_t.to(lse.device)]).tolist()
             counted = int(nonzero) if counted is None else counted
             bad = int(bad)
+            entropy_sum = entropy_sum if has_entropy else None
         else:
             value = float(loss.detach().float().mean()) if isinstance(loss, Tensor) \
                 else float(loss)
@@ -256,7 +269,8 @@ class LossMonitor:
                          f"step {self.steps}: a micro-batch with no counted token (every label "
                          f"ignored): its loss is 0 and teaches nothing")
         if self.steps == 0 and math.isfinite(value) and counted != 0:
-            self._first_step(value, stats)
+            mean_entropy = entropy_sum / counted if entropy_sum is not None and counted else None
+            self._first_step(value, stats, mean_entropy, per_token)
         if stats is not None and counted and not bad:
             mean = lse_sum / counted
             if self._first_lse is None:
@@ -269,18 +283,54 @@ class LossMonitor:
         self.steps += 1
         return self.findings[before:]
 
-    def _first_step(self, value: float, stats) -> None:
+    def _first_step(self, value: float, stats, mean_entropy: float | None,
+                    per_token: bool) -> None:
+        """A first loss several times ln V has two common causes that the loss alone cannot
+        tell apart: a logged sum over k accumulation steps of a sane per-token loss (~ln V at
+        a fresh initialisation), or a broken initialisation or logit scale (every per-token
+        loss large).  The statistics can: a fresh model's predictions are near uniform, so its
+        per-token entropy is near ln V and each token's loss near ln V, which a sum over k steps
+        only multiplies; logits blown up by a bad scale give peaked predictions (entropy far
+        below ln V) that are confidently wrong.  A per-token loss (``reduction="none"``) is
+        never a sum over steps."""
         ratio = value / self.ln_v
         k = round(ratio)
-        if k >= 2 and abs(ratio - k) <= 0.15 * k:
+        near_multiple = k >= 2 and abs(ratio - k) <= 0.15 * k
+        if ratio <= 1.5 and not near_multiple:
+            high = False
+        elif per_token:
+            high, why = True, "each token's loss is itself this high"
+        elif mean_entropy is not None:
+            share = mean_entropy / self.ln_v
+            if near_multiple and share >= 0.5:
+                self._report("summed_accumulation", "warning",
+                             f"the first loss {value:.2f} is {ratio:.1f} x ln V "
+                             f"({self.ln_v:.2f}) while the predictions are near uniform "
+                             f"(mean entropy {mean_entropy:.2f}, {share:.0%} of ln V, as at a "
+                             f"fresh initialisation): a sum over {k} gradient-accumulation "
+                             f"steps, not a mean (divide by the steps, or pass "
+                             f"num_items_in_batch)")
+                high = False
+            else:
+                high = ratio > 1.5
+                why = (f"the predictions are peaked (mean entropy {mean_entropy:.2f}, "
+                       f"{share:.0%} of ln V) and confidently wrong, which a sum over "
+                       f"accumulation steps of a sane loss would not make")
+        elif near_multiple:
             self._report("summed_accumulation", "warning",
-                         f"the first loss {value:.2f} is {ratio:.1f} x ln V ({self.ln_v:.2f}): it "
-                         f"looks like a sum over {k} gradient-accumulation steps, not a mean "
-                         f"(divide by the steps, or pass num_items_in_batch)")
-        elif ratio > 2.0:
+                         f"the first loss {value:.2f} is {ratio:.1f} x ln V ({self.ln_v:.2f}): "
+                         f"a sum over {k} gradient-accumulation steps, not a mean (divide by "
+                         f"the steps, or pass num_items_in_batch), or else a broken "
+                         f"initialisation or logit scale; pass the loss's statistics "
+                         f"(return_stats=True) to tell the two apart")
+            high = False
+        else:
+            high = ratio > 2.0
+            why = "with no statistics to tell whether the predictions are peaked"
+        if high:
             self._report("first_loss_high", "warning",
                          f"the first loss {value:.2f} is {ratio:.1f} x ln V ({self.ln_v:.2f}): "
-                         f"a broken initialisation or logit scale")
+                         f"a broken initialisation or logit scale ({why})")
         accuracy = float(stats.accuracy) if stats is not None and stats.accuracy.numel() else None
         # (A fine-tuned model starts well below ln V; only a near-zero loss with near-perfect
         # accuracy from the first step says the answer is in the input.)

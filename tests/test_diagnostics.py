@@ -191,3 +191,70 @@ def test_trainer_callback_clean_run_and_bad_labels(tmp_path):
     assert model.fusedce_monitor.steps == 2 and model.fusedce_monitor.findings == []
     with pytest.raises(fusedce.LabelError, match="padding_counted"):
         train(bad=True)
+
+
+def _first_findings(loss, stats) -> list[str]:
+    monitor = fusedce.LossMonitor(V, warn=False)
+    monitor.update(loss, stats)
+    return [f.code for f in monitor.findings]
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_monitor_tells_a_broken_logit_scale_from_a_summed_loss(per_token):
+    """A fresh LM head whose logits are blown up 50x (first loss ~10 ln V) is a broken scale,
+    not "a sum over 10 accumulation steps"; a summed mean at a sane initialisation (~k ln V
+    with near-uniform predictions) is the summed accumulation.  The statistics tell them apart
+    (the per-token entropy); without them the finding names both causes."""
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 32)
+    head = torch.nn.Linear(32, V, bias=False)
+    target = torch.randint(0, V, (64,))
+    reduction = "none" if per_token else "mean"
+    loss, stats = fusedce.cross_entropy(head(hidden) * 50, target, reduction=reduction,
+                                        return_stats=True)
+    ratio = float(loss.detach().mean()) / math.log(V)
+    assert ratio > 3
+    assert _first_findings(loss, stats) == ["first_loss_high"]
+    if per_token:
+        return
+    loss, stats = fusedce.cross_entropy(head(hidden) * 0.02, target, return_stats=True)
+    summed = sum(loss for _ in range(8))  # a logged sum over 8 accumulation steps
+    assert _first_findings(summed, stats) == ["summed_accumulation"]
+    # Between the multiples of ln V a high first loss is still reported (any ratio > 2).
+    assert _first_findings(loss * 2.5, stats) == ["first_loss_high"]
+    monitor = fusedce.LossMonitor(V, warn=False)
+    monitor.update(float(summed))
+    assert [f.code for f in monitor.findings] == ["summed_accumulation"]
+    assert "logit scale" in monitor.findings[0].message  # ambiguous without statistics
+
+
+def test_apply_diagnose_checks_labels_in_the_forward():
+    """fce_hf.apply(model, diagnose=True) without the Trainer callback: the model's forward
+    sees input_ids, attention_mask and labels together, and the first batches' labels are
+    checked there (counted padding is the most common loss bug)."""
+    transformers = pytest.importorskip("transformers")
+    from fusedce.integrations import transformers as fce_hf
+
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, pad_token_id=PAD)
+    ids, mask = _batch()
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        fce_hf.apply(model, diagnose=True, fused_linear=fused)
+        with pytest.warns(LossDiagnosticWarning, match="padding_counted"):
+            model(input_ids=ids, attention_mask=mask, labels=ids)  # padding counted
+        assert "padding_counted" in {f.code for f in model.fusedce_monitor.findings}
+        fce_hf.revert(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LossDiagnosticWarning)
+            model(input_ids=ids, attention_mask=mask, labels=ids)  # reverted: no hook
+    # A clean batch: nothing found.
+    model = transformers.LlamaForCausalLM(config)
+    fce_hf.apply(model, diagnose=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossDiagnosticWarning)
+        model(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask))
+    assert not [f for f in model.fusedce_monitor.findings if f.code == "padding_counted"]
+    fce_hf.revert(model)

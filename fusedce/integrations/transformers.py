@@ -154,6 +154,38 @@ def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
 _ORIGINAL_PROPERTY: list[property] = []  # PreTrainedModel.loss_function before apply()
 
 
+def _label_checker(monitor: Any, config: Any, n_batches: int = 2):
+    """A forward pre-hook that runs ``fusedce.check_labels`` on the first ``n_batches``
+    batches carrying labels (the model's forward sees ``input_ids``, ``attention_mask`` and
+    ``labels`` together; its loss sees only the labels) and reports the findings through
+    ``monitor`` (warned once per code): counted padding, labels shifted twice, targets out of
+    the vocabulary, ..."""
+    from ..diagnostics import check_labels
+
+    def token_id(name: str) -> int | None:
+        value = getattr(config, name, None)
+        return value if isinstance(value, int) else None
+
+    seen = [0]
+
+    def hook(module, args, kwargs):
+        labels, shift = kwargs.get("labels"), 1
+        if labels is None and kwargs.get("shift_labels") is not None:
+            labels, shift = kwargs["shift_labels"], 0
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if seen[0] >= n_batches or labels is None or not isinstance(input_ids, Tensor) \
+                or tuple(input_ids.shape) != tuple(labels.shape):
+            return None
+        seen[0] += 1
+        monitor.report_labels(check_labels(
+            input_ids.detach(), labels.detach(), kwargs.get("attention_mask"),
+            vocab_size=config.vocab_size, pad_token_id=token_id("pad_token_id"),
+            eos_token_id=token_id("eos_token_id"), shift=shift))
+        return None
+
+    return hook
+
+
 def _is_causal_lm_loss(fn: Any) -> bool:
     from transformers.loss import loss_utils
 
@@ -187,10 +219,13 @@ def apply(model: Any | None = None, *, fused_linear: bool = False,
             ``fusedce.linear_cross_entropy`` and no logits are materialised (the output's
             ``logits`` is then None; without labels the model's own forward runs).  The model
             needs a decoder ``model.model`` and a linear ``model.lm_head``.
-        diagnose: (with a model) feed every loss the model computes, with its statistics, to
-            a ``fusedce.LossMonitor`` kept as ``model.fusedce_monitor`` (non-finite values, a
-            first loss far from ln V, a drifting log-sum-exp, empty micro-batches, a summed
-            accumulation), each finding warned once.  It reads the loss on the host each step.
+        diagnose: (with a model) check the labels of the first two batches the model's forward
+            receives with ``fusedce.check_labels`` (counted padding, labels shifted twice,
+            targets out of the vocabulary, ...) and feed every loss the model computes, with
+            its statistics, to a ``fusedce.LossMonitor`` kept as ``model.fusedce_monitor``
+            (non-finite values, a first loss far from ln V, a drifting log-sum-exp, empty
+            micro-batches, a summed accumulation), each finding warned once and kept in
+            ``model.fusedce_monitor.findings``.  It reads the loss on the host each step.
     """
     _patch_trainer_count()
     if model is not None:
@@ -206,6 +241,9 @@ def apply(model: Any | None = None, *, fused_linear: bool = False,
 
             monitored.fusedce = True
             model.loss_function = monitored
+            if "_fusedce_label_hook" not in model.__dict__:
+                model._fusedce_label_hook = model.register_forward_pre_hook(
+                    _label_checker(monitor, model.config), with_kwargs=True)
         if fused_linear:
             if not (hasattr(model, "model") and isinstance(
                     getattr(model, "lm_head", None), torch.nn.Linear)):
@@ -282,6 +320,9 @@ def revert(model: Any | None = None) -> None:
         if fn is causal_lm_loss or getattr(fn, "fusedce", False):
             del model._loss_function
         model.__dict__.pop("fusedce_monitor", None)
+        hook = model.__dict__.pop("_fusedce_label_hook", None)
+        if hook is not None:
+            hook.remove()
         if "_fusedce_original_forward" in model.__dict__:
             model.forward = model.__dict__.pop("_fusedce_original_forward")
         return
