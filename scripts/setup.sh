@@ -15,6 +15,16 @@ fi
 . "$venv/bin/activate"
 pip_quiet=(pip install --quiet --disable-pip-version-check)
 python -c "import torch" 2>/dev/null || "${pip_quiet[@]}" "torch==2.13.0"
+# The test extra installs the framework versions the suite is tested with
+# (scripts/test-constraints.txt); with a CPU build of torch, Triton (whose interpreter runs the
+# kernels in the tests) is pinned too.  A CUDA build of torch keeps the Triton it requires.
+constraints=()
+if [ "$extra" = test ]; then
+    constraints=(-c "$root/scripts/test-constraints.txt")
+    if python -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
+        constraints+=(-c "$root/scripts/test-constraints-cpu.txt")
+    fi
+fi
 # An offline machine (no index) that already has the dependencies still gets an editable install.
-"${pip_quiet[@]}" -e "$root[$extra]" \
+"${pip_quiet[@]}" "${constraints[@]}" -e "$root[$extra]" \
     || "${pip_quiet[@]}" --no-deps --no-build-isolation -e "$root"

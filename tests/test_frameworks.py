@@ -280,10 +280,14 @@ def test_torchtitan_debugmodel_loss():
 
     torch.manual_seed(0)
     model = llama3.model_registry("debugmodel", attn_backend="flex").model.build()
+    model.init_weights()  # built on uninitialised memory: without this the logits may be NaN
+    with torch.no_grad():
+        assert all(torch.isfinite(p).all() for p in model.parameters())
     tokens = torch.randint(0, 2048, (2, 24))
     positions = torch.arange(24).expand(2, 24)
     with torch.no_grad():
         logits = model(tokens, positions, model.get_attention_masks(positions))
+    assert torch.isfinite(logits).all()
     labels = torch.roll(tokens, -1, 1)
     labels[:, -1] = -100
     valid = (labels != -100).sum()
@@ -295,3 +299,36 @@ def test_torchtitan_debugmodel_loss():
         loss.backward()
         grads.append((loss.detach(), x.grad))
     assert rel_err(grads[1][0], grads[0][0]) < 1e-6 and rel_err(grads[1][1], grads[0][1]) < 1e-5
+
+
+@pytest.mark.parametrize("trainer", ["dpo_trainer", "kto_trainer", "grpo_trainer"])
+def test_trl_policy_and_reference_share_one_head(trainer):
+    """Through apply(), a trainer's reference model gets the head its policy got (DPO's and
+    KTO's policies need TRL's, GRPO's gets fusedce's): for equal models the log-ratio is
+    exactly 0, never a rounding difference between two heads."""
+    transformers = pytest.importorskip("transformers")
+    module = pytest.importorskip(f"trl.trainer.{trainer}")
+    import copy
+
+    from fusedce.integrations import trl as fce_trl
+
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    policy = transformers.LlamaForCausalLM(config)
+    reference = copy.deepcopy(policy)
+    outputs = {"dpo_trainer": ("log_probs", "entropy", "mean_logits", "is_top1"),
+               "kto_trainer": ("log_probs", "entropy", "mean_logits"),
+               "grpo_trainer": ("log_probs", "entropy")}[trainer]
+    ids = torch.randint(0, 50, (2, 9))
+    fce_trl.apply()
+    try:
+        module.add_fused_lm_head(policy, outputs=outputs)  # the order of the trainers' __init__
+        module.add_fused_lm_head(reference)
+        with torch.no_grad():
+            a = policy(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+            b = reference(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+        assert torch.equal(a, b)
+    finally:
+        fce_trl.revert()

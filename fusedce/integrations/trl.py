@@ -103,7 +103,13 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 def apply() -> None:
     """Make TRL's trainers patch their models with fusedce's ``add_fused_lm_head``; a trainer
     that asks for outputs fusedce does not compute (KTO's and DPO's ``mean_logits``,
-    ``log_sum_sq_probs``) keeps TRL's own head."""
+    ``log_sum_sq_probs``) keeps TRL's own head, for its reference model too.
+
+    A trainer patches its policy first and then its reference model (with the default
+    outputs), and compares their log-probabilities (DPO's and KTO's log-ratios, GRPO's KL): both
+    sides of a ratio must come from the same head, or the ratio of two equal models is a
+    rounding difference instead of exactly 0.  So a call with the default outputs takes the
+    head that the trainer's previous call chose."""
     for name in _TRAINER_MODULES:
         try:
             module = importlib.import_module(f"trl.trainer.{name}")
@@ -111,15 +117,25 @@ def apply() -> None:
             continue
         if hasattr(module, "add_fused_lm_head") and name not in _ORIGINALS:
             original = _ORIGINALS[name] = module.add_fused_lm_head
+            module.add_fused_lm_head = _dispatcher(original)
 
-            def dispatch(model, temperature=1.0, cast_lm_head_to_fp32=False,
-                         outputs=("log_probs",), _original=original):
-                head = add_fused_lm_head if all(o in _SUPPORTED_OUTPUTS for o in outputs) \
-                    else _original
-                head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
-                     outputs=outputs)
 
-            module.add_fused_lm_head = dispatch
+def _dispatcher(original):
+    """TRL's ``add_fused_lm_head`` signature, choosing fusedce's head or TRL's (``original``)
+    per trainer: by the outputs asked for, the reference model's call by its policy's."""
+    chosen = [None]  # the head of the trainer's last policy call
+
+    def dispatch(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        if tuple(outputs) == ("log_probs",) and chosen[0] is not None:
+            head = chosen[0]  # a reference model: its policy's head
+        else:
+            head = add_fused_lm_head if all(o in _SUPPORTED_OUTPUTS for o in outputs) \
+                else original
+            chosen[0] = head
+        head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+             outputs=outputs)
+
+    return dispatch
 
 
 def revert() -> None:
