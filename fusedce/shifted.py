@@ -8,10 +8,10 @@ falls on a masked position (``attention_mask`` 0) or on ``ignore_index``.  The l
 where they are: a (..., T, V) tensor whose rows form a view is one pass, and so is
 ``logits[:, :-1]`` (its sequences are rows of the same storage, the rows between them ignored);
 any other layout is read sequence by sequence, never copied (out of place only: in place, each
-sequence's write would change the storage the others' autograd records hold).  The only per-token array
-made is the targets themselves: one int64 per position, built on the device in one expression
-(8 bytes per token beside the logits' ``2 * V``), so the shift and the masks cannot drift apart
-and no label has to be prepared with -100 by hand.
+sequence's write would change the storage the others' autograd records hold).  The only
+per-token array made is the targets themselves: one int64 per position, built on the device in
+one expression (8 bytes per token beside the logits' ``2 * V``), so the shift and the masks
+cannot drift apart and no label has to be prepared with -100 by hand.
 
 Multi-token prediction (DeepSeek-V3 style) is one call: a tuple of logits (one per depth) with a
 tuple of shifts, weighted by ``depth_weights``.
