@@ -12,32 +12,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import torch_impl
+from . import backends
 from .spec import LossSpec, RowResults, RowStats
 
 
 def run_pass(logits: Tensor, target: Tensor, weight: Tensor | None, scale: Tensor | None,
              spec: LossSpec, grad: Tensor | None, *, weight_sum: Tensor | None = None,
              **placement) -> RowResults:
-    """``ce_fwd`` of the implementation ``spec.impl``: ``placement`` is its ``row_stats``,
-    ``vocab`` and ``stats_out`` (see ``fusedce.kernels.ce_fwd``); ``weight_sum`` defaults to
-    the sum of ``weight`` (a vocabulary slice passes the whole vocabulary's)."""
+    """``ce_fwd`` of the backend ``spec.impl``: ``placement`` is its ``row_stats``, ``vocab``
+    and ``stats_out`` (see ``fusedce.kernels.ce_fwd``); ``weight_sum`` defaults to the sum of
+    ``weight`` (a vocabulary slice passes the whole vocabulary's)."""
     if weight is not None and weight_sum is None:
         weight_sum = weight.sum().reshape(1)
-    if spec.impl == "triton":
-        from .kernels import ce_fwd
-    else:
-        ce_fwd = torch_impl.ce_fwd
-    return ce_fwd(logits, target, weight, weight_sum, scale, spec, grad, **placement)
+    return backends.get(spec.impl).ce_fwd(logits, target, weight, weight_sum, scale, spec, grad,
+                                          **placement)
 
 
 def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec) -> RowStats:
     """Partial statistics of each row (see ``fusedce.kernels.ce_row_stats``)."""
-    if spec.impl == "triton":
-        from .kernels import ce_row_stats
-
-        return ce_row_stats(logits, target, weight, spec)
-    return torch_impl.row_stats(logits, target, weight, spec)
+    return backends.get(spec.impl).ce_row_stats(logits, target, weight, spec)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -121,12 +114,7 @@ def _(logits, target, weight, scale, stats_in, lse_grad, entropy_grad, spec):
 @torch.library.custom_op("fusedce::ce_scale_grad_", mutates_args=("grad",))
 def _ce_scale_grad_op(grad: Tensor, grad_output: Tensor, spec: str) -> None:
     """grad *= grad_output (a scalar, or one value per row), in place."""
-    if LossSpec.decode(spec).impl == "triton":
-        from .kernels import ce_bwd
-
-        ce_bwd(grad, grad_output)
-    else:
-        torch_impl.ce_bwd(grad, grad_output)
+    backends.get(LossSpec.decode(spec).impl).ce_bwd(grad, grad_output)
 
 
 @_ce_scale_grad_op.register_fake
@@ -167,31 +155,29 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, spec: LossSpec) -> None:
 
 
 @torch.library.custom_op("fusedce::ce_scale", mutates_args=())
-def _ce_scale_op(target: Tensor, weight: Tensor | None, items: Tensor | None, spec: str,
-                 n_classes: int) -> Tensor:
-    """The kernels' one-launch reduction scale (see ``reduction_scale``)."""
-    from .kernels import ce_scale
-
-    return ce_scale(target, weight, items, LossSpec.decode(spec), n_classes)
+def _ce_scale_op(target: Tensor, weight: Tensor | None, token_weight: Tensor | None,
+                 items: Tensor | None, spec: str, n_classes: int, dtype: torch.dtype) -> Tensor:
+    """The backend's reduction scale (see ``reduction_scale``)."""
+    return backends.get(LossSpec.decode(spec).impl).ce_scale(
+        target, weight, token_weight, items, LossSpec.decode(spec), n_classes, dtype)
 
 
 @_ce_scale_op.register_fake
-def _(target, weight, items, spec, n_classes):
-    return target.new_empty(1, dtype=torch.float32)
+def _(target, weight, token_weight, items, spec, n_classes, dtype):
+    return target.new_empty(1, dtype=dtype)
 
 
 @torch.library.custom_op("fusedce::ce_reduce", mutates_args=())
-def _ce_reduce_op(rows: Tensor, scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """The kernels' one-launch reduction: sum(rows), times ``scale`` when given."""
+def _ce_reduce_op(rows: Tensor, scale: Tensor | None, spec: str, out_dtype: torch.dtype
+                  ) -> Tensor:
+    """The backend's reduction: sum(rows), times ``scale`` when given."""
     if rows.numel() == 0:
         return torch.zeros((), dtype=out_dtype, device=rows.device)
-    from .kernels import ce_reduce
-
-    return ce_reduce(rows, scale, out_dtype)
+    return backends.get(LossSpec.decode(spec).impl).ce_reduce(rows, scale, out_dtype)
 
 
 @_ce_reduce_op.register_fake
-def _(rows, scale, out_dtype):
+def _(rows, scale, spec, out_dtype):
     return rows.new_empty((), dtype=out_dtype)
 
 
@@ -211,30 +197,16 @@ def reduction_scale(
     targets' weights add up to 0), so such a batch gives loss 0 and a zero gradient instead of
     NaN or inf; with ``token_weight`` (N,) each counted target's weight is multiplied by its
     token weight; with ``num_items_in_batch`` it is ``1 / num_items_in_batch``.  For ``sum`` and
-    ``none`` it is 1.  Computed on the device, never read on the host: one launch for the
-    kernels, a few PyTorch operations otherwise.
+    ``none`` it is 1.  Computed on the device by the backend, never read on the host.
     """
     device = target.device
     if spec.reduction != "mean":
         return torch.ones(1, dtype=dtype, device=device)
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
         return torch.full((1,), 1.0 / num_items_in_batch, dtype=dtype, device=device)
-    if spec.impl == "triton" and token_weight is None:
-        items = num_items_in_batch.to(device).reshape(1) if num_items_in_batch is not None \
-            else None
-        return _ce_scale_op(target, weight, items, spec.encode(), n_classes)
-    if num_items_in_batch is not None:
-        return 1.0 / num_items_in_batch.to(device=device, dtype=dtype).reshape(1)
-    counted = target != spec.ignore_index
-    if weight is None and token_weight is None:
-        denom = counted.sum(dtype=dtype)
-    else:
-        w_t = weight[target.clamp(0, max(n_classes - 1, 0))].to(dtype) if weight is not None \
-            else torch.ones((), dtype=dtype, device=device)
-        if token_weight is not None:
-            w_t = w_t * token_weight.to(dtype)
-        denom = torch.where(counted, w_t, 0.0).sum()
-    return torch.where(denom != 0, 1.0 / denom, 0.0).reshape(1)
+    items = num_items_in_batch.to(device).reshape(1) if num_items_in_batch is not None \
+        else None
+    return _ce_scale_op(target, weight, token_weight, items, spec.encode(), n_classes, dtype)
 
 
 def row_scale(scale: Tensor, target: Tensor, spec: LossSpec,
@@ -272,14 +244,8 @@ def reduce_rows(
     def reduce(v: Tensor, dtype: torch.dtype) -> Tensor:
         if spec.reduction == "none":
             return v.to(dtype)
-        mean_scale = scale if spec.reduction == "mean" else None
-        if spec.impl == "triton":
-            return _ce_reduce_op(v, mean_scale, dtype)
-        total = v.sum()
-        if mean_scale is None:
-            return total.to(dtype)
-        # A zero scale (nothing counts) gives +0, never -0 from a negative sum.
-        return torch.where(scale[0] != 0, total * scale[0], 0.0).to(dtype)
+        return _ce_reduce_op(v, scale if spec.reduction == "mean" else None, spec.encode(),
+                             dtype)
 
     loss = reduce(rows.loss, out_dtype)
     z_loss = reduce(rows.z_loss, rows.z_loss.dtype) if spec.has_z_loss else rows.z_loss

@@ -110,8 +110,9 @@ class LossSpec:
 
     def math_dtype(self, logits_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the per-row results and the reduction scale for logits of
-        ``logits_dtype``: float32 for the kernels, ``accumulation_dtype`` for PyTorch."""
-        return torch.float32 if self.impl == "triton" else accumulation_dtype(logits_dtype)
+        ``logits_dtype``: ``accumulation_dtype`` (float32; float64 for float64 logits, which
+        only the PyTorch implementation takes)."""
+        return accumulation_dtype(logits_dtype)
 
     def replace(self, **changes) -> LossSpec:
         return dataclasses.replace(self, **changes)

@@ -1,12 +1,14 @@
 """The PyTorch implementation (``impl="torch"``): the CPU fallback, with the kernels' contract.
 
-``row_stats``, ``ce_fwd`` and ``ce_bwd`` take and return what ``fusedce.kernels``' wrappers of
-the same names do, so the layers above can use either.  They walk the rows in chunks small enough
-to stay in cache, compute in float32 (float64 for float64 logits), form every quantity relative
-to the row max as the kernels do, and write the scaled gradient straight into its destination
-(which may be the logits themselves).  The extra memory is one chunk of scratch, beside the
-gradient that must exist anyway; eager ``F.cross_entropy`` forward+backward holds about three
-float32 copies of the logits.  Every allocation names its dtype: the default dtype never matters.
+``ce_fwd``, ``ce_row_stats``, ``ce_bwd``, ``ce_scale`` and ``ce_reduce`` take and return what
+``fusedce.kernels``' wrappers of the same names do: the two are the backends of
+``fusedce.backends``, and the layers above use either through it.  They walk the rows in
+chunks small enough to stay in cache, compute in float32 (float64 for float64 logits), form
+every quantity relative to the row max as the kernels do, and write the scaled gradient
+straight into its destination (which may be the logits themselves).  The extra memory is one
+chunk of scratch, beside the gradient that must exist anyway; eager ``F.cross_entropy``
+forward+backward holds about three float32 copies of the logits.  Every allocation names its
+dtype: the default dtype never matters.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _weighted_row_sum(v: Tensor, weight: Tensor | None) -> Tensor:
     return v @ weight if weight is not None else v.sum(dim=1)
 
 
-def row_stats(
+def ce_row_stats(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -470,6 +472,34 @@ def _gradient_chunk(buf: Tensor, z: Tensor, spec: LossSpec, ignored: Tensor, own
         buf.masked_fill_(ignored.unsqueeze(1), 0.0)  # exact zeros even for non-finite logits
 
 
+def ce_scale(target: Tensor, weight: Tensor | None, token_weight: Tensor | None,
+             items: Tensor | None, spec: LossSpec, n_classes: int, dtype: torch.dtype) -> Tensor:
+    """The (1,) scale of a ``mean`` in ``dtype`` (``fusedce.kernels.ce_scale``): 1 / the
+    counted targets' class weight times token weight (their number when unweighted; 0 when
+    that is 0), or 1 / ``items``.  A few operations on the device, never read on the host."""
+    if items is not None:
+        return 1.0 / items.to(device=target.device, dtype=dtype).reshape(1)
+    counted = target != spec.ignore_index
+    if weight is None and token_weight is None:
+        denom = counted.sum(dtype=dtype)
+    else:
+        w_t = weight[target.clamp(0, max(n_classes - 1, 0))].to(dtype) if weight is not None \
+            else torch.ones((), dtype=dtype, device=target.device)
+        if token_weight is not None:
+            w_t = w_t * token_weight.to(dtype)
+        denom = torch.where(counted, w_t, 0.0).sum()
+    return torch.where(denom != 0, 1.0 / denom, 0.0).reshape(1)
+
+
+def ce_reduce(rows: Tensor, scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """sum(rows), times ``scale`` when given (+0 when it is 0, never -0), as a scalar of
+    ``out_dtype`` (``fusedce.kernels.ce_reduce``)."""
+    total = rows.sum()
+    if scale is None:
+        return total.to(out_dtype)
+    return torch.where(scale[0] != 0, total * scale[0], 0.0).to(out_dtype)
+
+
 def ce_bwd(grad: Tensor, grad_output: Tensor) -> None:
     """Multiply the stored gradient by ``grad_output`` (a scalar or one value per row) in place."""
     factor = grad_output.reshape(-1, 1) if grad_output.dim() > 0 else grad_output
@@ -478,5 +508,5 @@ def ce_bwd(grad: Tensor, grad_output: Tensor) -> None:
     grad.mul_(factor)
 
 
-__all__ = ["CHUNK_ELEMENTS", "ce_bwd", "ce_fwd", "check_targets", "merge_entropy_sums",
-           "row_anchor", "row_stats", "transform_logits"]
+__all__ = ["CHUNK_ELEMENTS", "ce_bwd", "ce_fwd", "ce_reduce", "ce_row_stats", "ce_scale",
+           "check_targets", "merge_entropy_sums", "row_anchor", "transform_logits"]

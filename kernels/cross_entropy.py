@@ -331,15 +331,21 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
     )
 
 
-def ce_scale(target: torch.Tensor, weight: torch.Tensor | None, items: torch.Tensor | None,
-             spec: LossSpec, n_classes: int) -> torch.Tensor:
+def ce_scale(target: torch.Tensor, weight: torch.Tensor | None,
+             token_weight: torch.Tensor | None, items: torch.Tensor | None, spec: LossSpec,
+             n_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (1,) float32 scale of a ``mean`` in one launch: 1 / the counted targets' number or
-    class weight (0 when that is 0), or 1 / ``items`` (a one-element tensor)."""
+    class weight times token weight (0 when that is 0), or 1 / ``items`` (a one-element
+    tensor).  ``dtype``: float32, the kernels' math dtype (the backends' common signature)."""
+    if dtype != torch.float32:
+        raise ValueError(f"the kernels compute the scale in float32, not {dtype}")
     target, weight, items = _dense(target), _dense(weight), _dense(items)
+    token_weight = _dense(token_weight)
     scale = torch.empty(1, dtype=torch.float32, device=target.device)
     ce_scale_kernel[(1,)](
         target_ptr=target,
         weight_ptr=weight if weight is not None else scale,
+        token_weight_ptr=token_weight if token_weight is not None else scale,
         items_ptr=items if items is not None else scale,
         scale_ptr=scale,
         n_rows=target.numel(),
@@ -347,6 +353,7 @@ def ce_scale(target: torch.Tensor, weight: torch.Tensor | None, items: torch.Ten
         ignore_index=spec.ignore_index,
         BLOCK_SIZE=1024,
         HAS_WEIGHT=weight is not None,
+        HAS_TOKEN_WEIGHT=token_weight is not None,
         HAS_ITEMS=items is not None,
         num_warps=4,
     )

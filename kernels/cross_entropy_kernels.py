@@ -633,6 +633,7 @@ def ce_bwd_kernel(
 def ce_scale_kernel(
     target_ptr,
     weight_ptr,
+    token_weight_ptr,
     items_ptr,
     scale_ptr,
     n_rows,
@@ -640,14 +641,18 @@ def ce_scale_kernel(
     ignore_index,
     BLOCK_SIZE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    HAS_TOKEN_WEIGHT: tl.constexpr,
     HAS_ITEMS: tl.constexpr,
 ):
-    """The reduction scale of ``mean`` in one program: 1 / (the number, or the class weight, of
-    the counted targets), 0 when that is 0; or 1 / num_items_in_batch.
+    """The reduction scale of ``mean`` in one program: 1 / (the number, or the class weight
+    times the token weight, of the counted targets), 0 when that is 0; or 1 /
+    num_items_in_batch.
 
     Args:
         target_ptr: (n_rows,) int64 class ids.
         weight_ptr: (n_cols,) fp32 class weights, read when HAS_WEIGHT.
+        token_weight_ptr: (n_rows,) fp32 token weights, read (for counted rows only) when
+            HAS_TOKEN_WEIGHT.
         items_ptr: one number of any dtype (num_items_in_batch), read when HAS_ITEMS.
         scale_ptr: (1,) fp32 out.
         BLOCK_SIZE: rows per load; the sum runs in a fixed order (bitwise reproducible).
@@ -660,12 +665,14 @@ def ce_scale_kernel(
             offs = start + tl.arange(0, BLOCK_SIZE)
             t = tl.load(target_ptr + offs, mask=offs < n_rows, other=ignore_index).to(tl.int64)
             counted = t != ignore_index
+            w = tl.where(counted, 1.0, 0.0)
             if HAS_WEIGHT:
                 safe = tl.minimum(tl.maximum(t, 0), n_cols - 1)
-                acc += tl.where(counted, tl.load(weight_ptr + safe, mask=counted, other=0.0),
-                                0.0)
-            else:
-                acc += tl.where(counted, 1.0, 0.0)
+                w = tl.where(counted, tl.load(weight_ptr + safe, mask=counted, other=0.0), 0.0)
+            if HAS_TOKEN_WEIGHT:
+                w = tl.where(counted, w * tl.load(token_weight_ptr + offs, mask=counted,
+                                                  other=0.0), 0.0)
+            acc += w
         denom = tl.sum(acc, axis=0)
         tl.store(scale_ptr, tl.where(denom != 0.0, 1.0 / denom, 0.0))
 

@@ -142,14 +142,15 @@ def test_scale_and_reduce_span_many_blocks(device):
     weight = torch.rand(50, device=device) + 0.5
     spec = LossSpec(impl="triton")
     counted = target != -100
-    scale = ce_scale(target, None, None, spec, 50)
+    scale = ce_scale(target, None, None, None, spec, 50)
     assert torch.allclose(scale, 1.0 / counted.sum().float().reshape(1))
-    weighted = ce_scale(target, weight, None, spec, 50)
+    weighted = ce_scale(target, weight, None, None, spec, 50)
     denom = weight[target.clamp(0, 49)][counted].sum()
     assert torch.allclose(weighted, 1.0 / denom.reshape(1))
-    items = ce_scale(target, None, torch.tensor([7], device=device), spec, 50)
+    items = ce_scale(target, None, None, torch.tensor([7], device=device), spec, 50)
     assert torch.allclose(items, torch.full((1,), 1 / 7, device=device))
-    assert ce_scale(torch.full((3000,), -100, device=device), None, None, spec, 50).item() == 0.0
+    assert ce_scale(torch.full((3000,), -100, device=device), None, None, None, spec,
+                    50).item() == 0.0
     rows = torch.randn(2500, device=device)
     assert torch.allclose(ce_reduce(rows, None, torch.float32), rows.sum(), rtol=1e-5)
     mean = ce_reduce(rows, scale, torch.bfloat16)
