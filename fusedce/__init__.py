@@ -6,7 +6,7 @@ semantics (``fusedce.torch_impl``) everywhere else; ``fusedce.testing`` holds th
 the tests and benchmarks compare both against.
 """
 
-from .autograd import CrossEntropyFunction
+from .autograd import CrossEntropyFunction, LinearCrossEntropyFunction
 from .diagnostics import LabelError, LabelReport, LossMonitor, check_labels
 from .functional import (
     CrossEntropyStats,
@@ -16,7 +16,6 @@ from .functional import (
     resolve_impl,
     token_logprobs,
 )
-from .linear import LinearCrossEntropyFunction
 from .module import CrossEntropyLoss, LinearCrossEntropyLoss
 from .shifted import (
     MultiTokenStats,

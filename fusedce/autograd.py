@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .passes import forward_pass, reduce_rows, reduction_scale, row_scale, scale_grad_, weigh_rows
-from .spec import LossSpec
+from . import distributed, linear
+from .passes import forward_pass, n_rows, scale_grad_
+from .recipe import LossTensors, run_loss
+from .spec import LossSpec, RowResults
 
 
 def refuse_double_backward(name: str) -> None:
@@ -39,7 +41,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
         CrossEntropyFunction.apply(
             input,               # (N, C) logits, float32/bfloat16/float16 (float64: impl "torch"),
-                                 #   unit column stride, any row stride
+                                 #   unit column stride, any row stride; or (G, T, C) groups
+                                 #   of rows, any group and row strides
             target,              # (N,) int64 class indices
             weight,              # (C,) class weights in the math dtype (float32; float64 for
                                  #   float64 logits), contiguous, or None
@@ -68,16 +71,17 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, target: Tensor, weight: Tensor | None,
                 num_items_in_batch, spec: LossSpec, token_weight: Tensor | None = None):
         compute_grad = ctx.needs_input_grad[0]
-        dtype = spec.math_dtype(input.dtype)
-        scale = reduction_scale(target, weight, spec, input.shape[1], num_items_in_batch, dtype,
-                                token_weight)
-        grad_scale = row_scale(scale, target, spec, token_weight)
         recompute = compute_grad and spec.recompute_backward
-        rows, stats, grad = forward_pass(input, target, weight, grad_scale, spec,
-                                         compute_grad=compute_grad and not recompute,
-                                         store_stats=recompute)
-        rows = weigh_rows(rows, target, spec, token_weight)
-        outputs = reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
+
+        def row_pass(grad_scale: Tensor):
+            rows, stats, grad = forward_pass(input, target, weight, grad_scale, spec,
+                                             compute_grad=compute_grad and not recompute,
+                                             store_stats=recompute)
+            return rows, (stats, grad)
+
+        outputs, grad_scale, (stats, grad) = run_loss(
+            LossTensors(target, weight, token_weight, num_items_in_batch), spec,
+            input.shape[-1], input.dtype, row_pass)
         ctx.mark_non_differentiable(*non_differentiable(outputs, spec))
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.spec, ctx.recompute, ctx.consumed = spec, recompute, False
@@ -158,10 +162,160 @@ def _recomputed_grad(ctx, grad_output: Tensor | None, grad_lse: Tensor | None,
     factors = loss_factors(grad_output, scale)
     _, _, grad = forward_pass(logits, target, weight, factors, spec, compute_grad=True,
                               stats_in=stats,
-                              stat_grads=stat_grads(grad_lse, grad_entropy, logits.shape[0],
+                              stat_grads=stat_grads(grad_lse, grad_entropy, n_rows(logits),
                                                     scale, spec))
     return grad.detach()
 
 
-__all__ = ["CrossEntropyFunction", "loss_factors", "non_differentiable",
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without the logits tensor.
+
+    Call as::
+
+        LinearCrossEntropyFunction.apply(
+            input,               # (N, H) hidden states, unit column stride
+            linear_weight,       # (C, H) LM head
+            linear_bias,         # (C,) or None
+            target,              # (N,) int64 class indices
+            weight,              # (C,) class weights in the math dtype, contiguous, or None
+            num_items_in_batch,  # int | float | Tensor | None
+            spec,                # fusedce.LossSpec (inplace_backward is not used)
+            chunk_size,          # int: rows per chunk, or 0 for the default
+            token_weight,        # (N,) per-token weights in the math dtype, or None (optional)
+        )
+
+    and get ``(loss, lse, z_loss, accuracy, entropy, argmax)`` as ``CrossEntropyFunction``
+    does, with the same differentiable outputs.  The forward runs the recipe with the chunked
+    pass of ``fusedce.linear`` (making the gradients of the input, weight and bias, scaled, in
+    the same pass; with a recomputing backward, none); the backward scales them by
+    ``grad_output`` or makes them in one more chunked pass.  Arguments are checked by
+    ``fusedce.linear_cross_entropy``, not here.
+    """
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, num_items_in_batch,
+                spec, chunk_size, token_weight=None):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                linear_bias is not None and ctx.needs_input_grad[2])
+        deferred = spec.recompute_backward and any(need)
+
+        def row_pass(grad_scale: Tensor):
+            *rows, gx, gw, gb = linear.linear_ce_pass(
+                input, linear_weight, linear_bias, target, weight, grad_scale, None, None,
+                spec.encode(), chunk_size, *((False,) * 3 if deferred else need))
+            return RowResults(*rows), (gx, gw, gb)
+
+        outputs, grad_scale, grads = run_loss(
+            LossTensors(target, weight, token_weight, num_items_in_batch), spec,
+            linear_weight.shape[0], input.dtype, row_pass)
+        ctx.mark_non_differentiable(*non_differentiable(outputs, spec))
+        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
+        ctx.deferred, ctx.need, ctx.consumed = deferred, need, False
+        ctx.spec, ctx.chunk_size = spec, chunk_size
+        if deferred:
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_scale)
+        else:
+            ctx.save_for_backward(*(g if n else None for g, n in zip(grads, need)))
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_lse, _z, _accuracy, grad_entropy, _argmax):
+        refuse_double_backward("fusedce.linear_cross_entropy")
+        compiling = torch.compiler.is_compiling()
+        if ctx.consumed and not compiling:
+            raise RuntimeError(
+                "fusedce.linear_cross_entropy's backward ran twice: it scales the gradients "
+                "made in the forward in place, so retain_graph=True is not supported"
+            )
+        ctx.consumed = True
+        if ctx.deferred:
+            x, w, b, target, weight, scale = ctx.saved_tensors
+            # The per-token factors (and the statistics' gradients) go to the kernel per row.
+            grads_in = stat_grads(grad_lse, grad_entropy, x.shape[0], scale, ctx.spec)
+            *_, gx, gw, gb = linear.linear_ce_pass(
+                x, w, b, target, weight, loss_factors(grad_output, scale),
+                *(grads_in if grads_in is not None else (None, None)),
+                ctx.spec.replace(return_stats=False).encode(), ctx.chunk_size, *ctx.need)
+            grads = [g if n else None for g, n in zip((gx, gw, gb), ctx.need)]
+        else:
+            grads = list(ctx.saved_tensors)
+            if compiling:
+                grads = [g * grad_output.to(g.dtype) if g is not None else None for g in grads]
+            else:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(grad_output.to(g.dtype))  # small tensors: (N, H), (C, H), (C,)
+        return (*grads, None, None, None, None, None, None)
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy of this rank's vocabulary slice of the logits
+    (``fusedce.distributed.vocab_parallel_forward``: the row statistics merged over the group,
+    then the recipe with a pass that writes this rank's slice of the gradient); the backward
+    applies ``grad_output``.  ``apply(input, target, weight, num_items_in_batch, spec, group,
+    token_weight)`` returns ``(loss, lse, z_loss, accuracy, entropy, argmax)``; only ``loss``
+    is differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, num_items_in_batch, spec, group, token_weight=None):
+        outputs, grad = distributed.vocab_parallel_forward(
+            input, target, weight, num_items_in_batch, spec, group,
+            compute_grad=ctx.needs_input_grad[0], token_weight=token_weight)
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
+        ctx.grad, ctx.spec = grad, spec  # an attribute: it may alias the input on purpose
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_output, *unused):
+        refuse_double_backward("fusedce.cross_entropy (vocabulary-parallel)")
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "fusedce's vocabulary-parallel backward ran twice: it scales the stored "
+                "gradient in place, so retain_graph=True is not supported"
+            )
+        ctx.grad = None
+        scale_grad_(grad, grad_output, ctx.spec)
+        return (grad, None, None, None, None, None, None)
+
+
+def _maybe_detached(wants_grad: bool, *tensors: Tensor | None) -> tuple:
+    """The Functions' differentiable inputs, detached when no gradient is wanted: the same
+    recipe then runs without a gradient pass (a Function cannot tell ``torch.no_grad`` apart)."""
+    return tensors if wants_grad else tuple(t.detach() if t is not None else None
+                                            for t in tensors)
+
+
+def cross_entropy_outputs(logits: Tensor, target: Tensor, weight: Tensor | None,
+                          num_items_in_batch, spec: LossSpec, token_weight: Tensor | None,
+                          wants_grad: bool, process_group=None) -> tuple[Tensor, ...]:
+    """A logits-level loss through its Function (vocabulary-parallel with ``process_group``)."""
+    (logits,) = _maybe_detached(wants_grad, logits)
+    if process_group is not None:
+        distributed.check_initialized()
+        return VocabParallelCrossEntropyFunction.apply(logits, target, weight,
+                                                       num_items_in_batch, spec, process_group,
+                                                       token_weight)
+    return CrossEntropyFunction.apply(logits, target, weight, num_items_in_batch, spec,
+                                      token_weight)
+
+
+def linear_cross_entropy_outputs(input: Tensor, linear_weight: Tensor, target: Tensor,
+                                 linear_bias: Tensor | None, weight: Tensor | None,
+                                 num_items_in_batch, spec: LossSpec, chunk_size: int | None,
+                                 token_weight: Tensor | None = None) -> tuple[Tensor, ...]:
+    """A fused linear loss through its Function."""
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    input, linear_weight, linear_bias = _maybe_detached(wants_grad, input, linear_weight,
+                                                        linear_bias)
+    return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
+                                            num_items_in_batch, spec, chunk_size or 0,
+                                            token_weight)
+
+
+__all__ = ["CrossEntropyFunction", "LinearCrossEntropyFunction",
+           "VocabParallelCrossEntropyFunction", "cross_entropy_outputs",
+           "linear_cross_entropy_outputs", "loss_factors", "non_differentiable",
            "refuse_double_backward", "stat_grads"]

@@ -9,10 +9,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from .spec import Impl, LossSpec
+from . import options as _options
+from .spec import FIELD_NAMES, Impl, LossSpec
 
 REDUCTIONS = ("none", "mean", "sum")
-BACKWARDS = ("auto", "stored", "recompute")
 IMPLS = ("auto", "triton", "torch")
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -73,6 +73,25 @@ def check_class_target(input: Tensor, target, class_dim: int | None = 1) -> None
         )
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
+
+
+def check_class_rows(rows: Tensor, target) -> int:
+    """Logits with the classes last, (N, C) or (G, T, C) groups of rows, and one integer
+    target per row (flat); return the number of classes."""
+    check_tensor("input", rows)
+    if not rows.is_floating_point() or rows.dim() not in (2, 3) or rows.shape[-1] == 0:
+        raise ValueError(f"logits must be floating point of shape (N, C) or (G, T, C) with "
+                         f"C > 0, got dtype {rows.dtype} and shape {tuple(rows.shape)}")
+    check_tensor("target", target)
+    n_rows = rows.numel() // rows.shape[-1]
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool \
+            or tuple(target.shape) != (n_rows,):
+        raise ValueError(f"target must hold {n_rows} integer class ids (one per row of logits "
+                         f"of shape {tuple(rows.shape)}), got dtype {target.dtype} and shape "
+                         f"{tuple(target.shape)}")
+    if target.device != rows.device:
+        raise ValueError(f"target is on {target.device} but input is on {rows.device}")
+    return rows.shape[-1]
 
 
 def check_weight(weight, n_classes: int | None, device: torch.device) -> None:
@@ -142,16 +161,8 @@ def check_num_items(num_items_in_batch, reduction: str, device: torch.device):
     return value
 
 
-def check_options(
-    *,
-    reduction: str,
-    label_smoothing,
-    ignore_index,
-    logit_scale,
-    softcap,
-    lse_square_scale,
-    out_dtype,
-) -> None:
+def check_options(*, reduction: str, label_smoothing, ignore_index) -> None:
+    """PyTorch's own arguments (the keyword options are checked by ``fusedce.options``)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     if not _is_number(label_smoothing):
@@ -162,62 +173,40 @@ def check_options(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not _INT64[0] <= ignore_index <= _INT64[1]:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
-                                      and out_dtype.is_floating_point):
-        raise TypeError(f"out_dtype must be a floating-point torch.dtype, got {out_dtype!r}")
-    if not _is_number(logit_scale) or not (math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
-    if softcap is not None and not (
-        _is_number(softcap) and math.isfinite(softcap) and softcap > 0
-    ):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not _is_number(lse_square_scale) or not (
-        math.isfinite(lse_square_scale) and lse_square_scale >= 0
-    ):
-        raise ValueError(f"lse_square_scale must be a finite number >= 0, got {lse_square_scale!r}")
-
-
-# Keywords of the public functions that only class-index targets support.
-_CLASS_ONLY = {"logit_scale": 1.0, "softcap": None, "lse_square_scale": 0.0,
-               "num_items_in_batch": None, "return_stats": False, "out_dtype": None,
-               "process_group": None, "inplace_backward": False, "backward": "auto",
-               "temperature": 1.0, "token_weight": None, "differentiable_stats": False,
-               "batch_invariant": False}
 
 
 def check_keywords(options: dict) -> None:
-    """Check the option keywords of a public function (its ``locals()`` on entry)."""
-    check_options(**{k: options[k] for k in ("reduction", "label_smoothing", "ignore_index",
-                                             "logit_scale", "softcap", "lse_square_scale",
-                                             "out_dtype")})
+    """Check PyTorch's arguments of a public call (its keywords as a dict; the options were
+    checked when ``fusedce.options.collect`` completed them)."""
+    check_options(**{k: options[k] for k in ("reduction", "label_smoothing", "ignore_index")})
+
+
+# Options that keep their meaning for class probabilities (handed to F.cross_entropy).
+_PROBABILITY_OK = ("impl", "chunk_size")
 
 
 def class_only_keywords(options: dict) -> list[str]:
-    """The keywords given that need class-index targets."""
-    return [k for k, default in _CLASS_ONLY.items() if k in options and (
-        options[k] is not None if default is None else options[k] != default)]
+    """The options given (not at their default) that need class-index targets."""
+    return [o.name for o in _options.OPTIONS if o.name in options
+            and o.name not in _PROBABILITY_OK and not _is_default(options[o.name], o.default)]
+
+
+def _is_default(value, default) -> bool:
+    return value is None if default is None else (value is not None and value == default)
 
 
 def make_spec(options: dict, impl: Impl) -> LossSpec:
-    """Check the option keywords of a public function (its ``locals()`` on entry) and freeze
-    them, with the resolved ``impl``, into a ``LossSpec``: the one place the flat public
-    keywords become the spec."""
+    """Freeze a public call's arguments (its keywords as a dict, options already completed by
+    ``fusedce.options.collect``), with the resolved ``impl``, into a ``LossSpec``: the one place
+    the flat public keywords become the spec.  Fields named like an option take its value;
+    the temperature folds into the transform."""
     check_keywords(options)
     backward = options.get("backward", "auto")
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if backward == "recompute" and options.get("process_group") is not None:
         raise ValueError("backward='recompute' is not available with process_group (the "
                          "vocabulary-parallel backward scales the stored gradient)")
-    temperature = options.get("temperature", 1.0)
-    if not _is_number(temperature) or not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     differentiable = options.get("differentiable_stats", False)
     invariant = options.get("batch_invariant", False)
-    for name, value in (("differentiable_stats", differentiable),
-                        ("batch_invariant", invariant)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     if differentiable and not options["return_stats"]:
         raise ValueError("differentiable_stats=True gives stats.lse and stats.entropy "
                          "gradients: pass return_stats=True too")
@@ -227,20 +216,18 @@ def make_spec(options: dict, impl: Impl) -> LossSpec:
     if differentiable and backward == "stored":
         raise ValueError("differentiable_stats=True recomputes the gradient in the backward: "
                          "backward='stored' cannot hold it")
+    values = {k: v for k, v in options.items() if k in FIELD_NAMES}
     # The temperature folds into the transform exactly: softcap(s * x) / T = c/T *
     # tanh((s/T) * x / (c/T)), the transform with scale s / T and cap c / T.
-    softcap = options["softcap"]
-    temperature = float(temperature)
-    return LossSpec(
-        ignore_index=int(options["ignore_index"]), reduction=options["reduction"],
-        label_smoothing=float(options["label_smoothing"]),
-        logit_scale=float(options["logit_scale"]) / temperature,
+    temperature = float(options.get("temperature", 1.0))
+    softcap = options.get("softcap")
+    values.update(
+        impl=impl, label_smoothing=float(options["label_smoothing"]),
+        ignore_index=int(options["ignore_index"]),
+        logit_scale=float(options.get("logit_scale", 1.0)) / temperature,
         softcap=None if softcap is None else float(softcap) / temperature,
-        lse_square_scale=float(options["lse_square_scale"]),
-        return_stats=bool(options["return_stats"]), differentiable_stats=differentiable,
-        batch_invariant=invariant, impl=impl,
-        inplace_backward=bool(options.get("inplace_backward", False)),
-        out_dtype=options["out_dtype"], backward=backward)
+        lse_square_scale=float(options.get("lse_square_scale", 0.0)))
+    return LossSpec(**values)
 
 
 def check_token_weight(token_weight, target: Tensor) -> None:
@@ -270,8 +257,7 @@ def check_inplace_target(input: Tensor, logits: Tensor) -> None:
     * a leaf that requires grad, or a view of one: its values would be overwritten and its
       ``.grad`` would alias them (PyTorch refuses in-place operations there too).
     """
-    n_rows, n_cols = logits.shape
-    if n_rows > 1 and logits.stride(0) < n_cols:
+    if may_overlap(logits):
         raise ValueError(
             f"inplace_backward=True needs logits whose rows do not overlap in memory; got "
             f"shape {tuple(logits.shape)} with strides {logits.stride()} (an expanded or "
@@ -314,7 +300,7 @@ def _storage_span(t: Tensor) -> tuple[int, int, int]:
 
 def check_inplace_storage(tensors) -> None:
     """``inplace_backward=True`` over several logits tensors of one call (multi-token depths,
-    or one tensor read sequence by sequence): refuse, before anything is written, a tensor
+    or groups of rows read where they are): refuse, before anything is written, a tensor
     whose elements may overlap and tensors that share storage bytes."""
     spans = []
     for i, t in enumerate(tensors):

@@ -32,16 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import torch_impl
-from .autograd import refuse_double_backward
-from .passes import (
-    reduce_rows,
-    reduction_scale,
-    row_scale,
-    row_stats,
-    run_pass,
-    scale_grad_,
-    weigh_rows,
-)
+from .passes import row_stats, run_pass
+from .recipe import LossTensors, run_loss
 from .spec import LossSpec, RowStats, VocabSlice
 
 _INT32_MAX = 2**31 - 1
@@ -178,9 +170,7 @@ def vocab_parallel_forward(
 
     merged, target_logit = _merged_stats(input, target, w_local, spec, layout, group)
 
-    # 5. Loss and this slice's gradient.
-    scale = reduction_scale(target, weight, spec, n_classes, num_items_in_batch,
-                            spec.math_dtype(input.dtype), token_weight)
+    # 5. Loss and this slice's gradient: the recipe, with a pass from the merged statistics.
     grad = None
     if compute_grad:
         grad = input.detach() if spec.inplace_backward else torch.empty(
@@ -188,56 +178,31 @@ def vocab_parallel_forward(
     vocab = VocabSlice(start, n_classes, target_logit,
                        weight[target.clamp(0, n_classes - 1)].contiguous()
                        if weight is not None else None)
-    rows = run_pass(input, target, w_local, row_scale(scale, target, spec, token_weight), spec,
-                    grad, row_stats=merged, vocab=vocab,
-                    weight_sum=weight.sum().reshape(1) if weight is not None else None)
-    rows = weigh_rows(rows, target, spec, token_weight)
-    outputs = reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
+
+    def row_pass(grad_scale: Tensor):
+        return run_pass(input, target, w_local, grad_scale, spec, grad, row_stats=merged,
+                        vocab=vocab,
+                        weight_sum=weight.sum().reshape(1) if weight is not None else None), None
+
+    outputs, _, _ = run_loss(LossTensors(target, weight, token_weight, num_items_in_batch), spec,
+                             n_classes, input.dtype, row_pass)
     if grad is not None and spec.inplace_backward:
         torch.autograd.graph.increment_version(input)
     return outputs, grad
 
 
-class VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """Autograd for ``vocab_parallel_forward``: the forward writes this rank's slice of the
-    gradient; the backward applies ``grad_output``.  ``apply(input, target, weight,
-    num_items_in_batch, spec, group, token_weight)`` returns ``(loss, lse, z_loss, accuracy,
-    entropy, argmax)``; only ``loss`` is differentiable."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, num_items_in_batch, spec, group, token_weight=None):
-        outputs, grad = vocab_parallel_forward(input, target, weight, num_items_in_batch, spec,
-                                               group, compute_grad=ctx.needs_input_grad[0],
-                                               token_weight=token_weight)
-        ctx.mark_non_differentiable(*outputs[1:])
-        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
-        ctx.grad, ctx.spec = grad, spec  # an attribute: it may alias the input on purpose
-        return outputs
-
-    @staticmethod
-    def backward(ctx, grad_output, *unused):
-        refuse_double_backward("fusedce.cross_entropy (vocabulary-parallel)")
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(
-                "fusedce's vocabulary-parallel backward ran twice: it scales the stored "
-                "gradient in place, so retain_graph=True is not supported"
-            )
-        ctx.grad = None
-        scale_grad_(grad, grad_output, ctx.spec)
-        return (grad, None, None, None, None, None, None)
-
-
-def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
-                                 num_items_in_batch, spec: LossSpec, group, wants_grad: bool,
-                                 token_weight: Tensor | None = None):
-    """``fusedce.cross_entropy(..., process_group=group)`` after its checks."""
+def check_initialized() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group given but torch.distributed is not initialized")
-    if wants_grad:
-        return VocabParallelCrossEntropyFunction.apply(input, target, weight,
-                                                       num_items_in_batch, spec, group,
-                                                       token_weight)
-    outputs, _ = vocab_parallel_forward(input, target, weight, num_items_in_batch, spec, group,
-                                        compute_grad=False, token_weight=token_weight)
-    return outputs
+
+
+def __getattr__(name: str):
+    if name == "VocabParallelCrossEntropyFunction":
+        import warnings
+
+        from . import autograd
+
+        warnings.warn(f"fusedce.distributed.{name} moved to fusedce.autograd",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(autograd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,6 @@ column stride, (N,) int64 targets), and hand over to the autograd Functions.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -16,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks, distributed, linear
-from .autograd import CrossEntropyFunction
+from . import autograd, checks, linear, options
 from .checks import resolve_impl
-from .passes import forward_pass, reduce_rows, reduction_scale, weigh_rows
 from .spec import LossSpec
 
 ImplChoice = Literal["auto", "triton", "torch"]
@@ -94,6 +91,17 @@ def _finish(outputs, spec: LossSpec, shape: torch.Size):
                                    argmax.reshape(shape))
 
 
+def ce_options(input: Tensor, target: Tensor, weight: Tensor | None = None,
+               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+               **keywords) -> dict:
+    """A ``cross_entropy`` call's arguments as one dict, its options checked and completed
+    (``fusedce.options.collect``)."""
+    return dict(input=input, target=target, weight=weight, ignore_index=ignore_index,
+                reduction=reduction, label_smoothing=label_smoothing,
+                **options.collect(options.CE, keywords))
+
+
+@options.public(options.CE)
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -101,29 +109,15 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: Literal["none", "mean", "sum"] = "mean",
     label_smoothing: float = 0.0,
-    *,
-    impl: ImplChoice = "auto",
-    inplace_backward: bool = False,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    lse_square_scale: float = 0.0,
-    num_items_in_batch: int | Tensor | None = None,
-    return_stats: bool = False,
-    out_dtype: torch.dtype | None = None,
-    process_group: object | None = None,
-    backward: Literal["auto", "stored", "recompute"] = "auto",
-    temperature: float = 1.0,
-    token_weight: Tensor | None = None,
-    differentiable_stats: bool = False,
-    batch_invariant: bool = False,
+    **keywords,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and class-index targets, a drop-in for ``F.cross_entropy``.
-    (Long for its docstring, the public contract; the work is in ``prepare_cross_entropy``.)
 
     The loss and the gradient of the logits are computed in one pass over the logits (float32
     arithmetic for 16- and 32-bit logits, float64 for float64); the backward only applies
     ``grad_output`` (for ``reduction="none"`` it makes one more pass that writes the gradient
-    with the per-token ``grad_output`` folded in).
+    with the per-token ``grad_output`` folded in).  Each keyword option is documented once, in
+    ``fusedce.options``; ``docs/reference.md`` is the full reference.
 
     Args:
         input: (N, C) or (C,) logits, float32/bfloat16/float16/float64.  (N, C, d1, ...) is
@@ -134,100 +128,54 @@ def cross_entropy(
             Floating-point targets of the input's shape are class probabilities and are handed
             to ``torch.nn.functional.cross_entropy`` unchanged.
         weight: (C,) class weights, or None.  It gets no gradient (must not require grad).
-        ignore_index: target value that contributes neither loss nor gradient.  Any int,
-            including a class id such as a pad id of 0.
+        ignore_index: target value that contributes neither loss nor gradient (any int,
+            including a class id such as a pad id of 0).
         reduction: ``"none"`` (one loss per target), ``"mean"`` (sum over counted targets
             divided by the sum of their weights) or ``"sum"``.
         label_smoothing: in [0, 1], PyTorch's definition.
-        impl: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch otherwise and for float64),
-            ``"triton"`` or ``"torch"``.
-        inplace_backward: write the gradient into ``input``'s storage, so no logits-sized
-            buffer is allocated.  The logits are consumed: after the forward (after the
-            backward for ``reduction="none"``) ``input`` holds the gradient.  Refused with an
-            error, before anything is written, for a leaf tensor that requires grad or a view of
-            one, and for logits whose rows overlap in memory.  Only when a gradient is computed;
-            without one ``input`` is left untouched.
-        logit_scale: multiply the logits by this (> 0) first (Cohere/Granite-style scaling).
-        softcap: then cap them to ``softcap * tanh(logits / softcap)`` (Gemma-2 style), or None.
-        lse_square_scale: z-loss: add ``lse_square_scale * lse**2`` per counted target (times
-            its class weight), reduced like the loss.
-        num_items_in_batch: with ``reduction="mean"``, divide the summed loss by this instead of
-            by the number (or weight) of counted targets: the number of real tokens over all
-            micro-batches of a gradient-accumulation step, as transformers' Trainer passes it.
-            A number or a CPU tensor is checked to be positive; a tensor on the input's device is
-            never read on the host (no synchronisation) and so not checked.
-        return_stats: also return a ``CrossEntropyStats`` (log-sum-exp, z-loss, token
-            accuracy), computed in the same pass over the logits.
-        out_dtype: dtype of the returned loss, e.g. ``torch.float32`` for bf16 logits (the loss
-            is always computed in float32 or better; the default returns the input's dtype).
-        process_group: a ``torch.distributed`` group whose ranks each hold a contiguous slice
-            of the vocabulary (in rank order, sizes may differ): ``input`` is this rank's
-            slice of the logits, ``target`` the global class ids, ``weight`` the full weight
-            vector.  Only per-token numbers are exchanged (see ``fusedce.distributed``); the
-            loss is the same on every rank and the gradient is this rank's slice.
-        backward: ``"stored"``: the forward writes the gradient and the backward scales it by
-            ``grad_output`` (4 bytes per bf16 logit when ``grad_output`` is 1, 8 otherwise);
-            ``"recompute"``: the forward keeps per-row statistics and the backward writes the
-            gradient with ``grad_output`` folded in (6 bytes per logit whatever
-            ``grad_output`` is; the logits stay alive until the backward); ``"auto"``:
-            recompute for ``reduction="none"``, stored otherwise.
-        temperature: divide the (scaled, capped) logits by this (> 0) last: loss, statistics and
-            gradient are those of ``softmax(z / temperature)``, as a sampler at that
-            temperature sees it.
-        token_weight: the target's shape, floating point: multiplies each counted token's loss
-            and z-loss (advantages, masks; may be negative); ``mean`` divides by the sum over
-            counted tokens of ``token_weight * class weight`` (or by ``num_items_in_batch``).
-            It gets no gradient.
-        differentiable_stats: with ``return_stats``, ``stats.lse`` and ``stats.entropy``
-            carry gradients (``dlse/dz = p``, ``dH/dz_c = -p_c (z_c - sum p z)``): the
-            backward then recomputes the gradient of the logits from the saved logits with
-            every incoming gradient folded in (one more read and one write of each logit).
-        batch_invariant: each row's loss, statistics and gradient are bitwise the same whatever
-            the other rows are and however many there are (for one implementation, device,
-            dtype and set of options): the kernels never split a row by the row count, and the
-            PyTorch implementation computes fixed-size, padded chunks of rows.  The gradient of
-            a ``mean`` still depends on the batch through its denominator (pass
-            ``num_items_in_batch`` or use ``sum``/``none`` for invariant gradients).
+        {options}
 
     Returns:
-        The loss in the input's dtype: a scalar for ``mean`` and ``sum``, the target's shape for
-        ``none``; with ``return_stats``, ``(loss, stats)``.
+        The loss in the input's dtype (or ``out_dtype``): a scalar for ``mean`` and ``sum``, the
+        target's shape for ``none``; with ``return_stats``, ``(loss, stats)``.
 
     Differences from PyTorch: with ``reduction="mean"`` a batch whose denominator is 0 (no
     target counts, an empty batch, or class weights of the counted targets adding up to 0)
     gives loss 0 and a zero gradient instead of NaN or inf; rows whose target is ignored get an
     exactly zero gradient even when their logits are not finite; no double backward.
     """
-    return prepare_cross_entropy(dict(locals()))()
+    return prepare_cross_entropy(ce_options(input, target, weight, ignore_index, reduction,
+                                            label_smoothing, **keywords))()
 
 
-def call_options(function: Callable, *args, **kwargs) -> dict:
-    """The keywords of a call of the public ``function`` (``cross_entropy`` or
-    ``linear_cross_entropy``) with every default filled in, as its ``locals()`` on entry; an
-    unknown keyword is the ``TypeError`` the call itself would raise."""
-    bound = inspect.signature(function).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def prepare_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
+def prepare_cross_entropy(options: dict, rows: Tensor | None = None
+                          ) -> Callable[[], Tensor | tuple]:
     """Check a ``cross_entropy`` call (its keywords as a dict) and return the call itself, not
     yet run: callers that make several calls (multi-token depths) check them all before any of
-    them computes or writes anything."""
+    them computes or writes anything.
+
+    ``rows``: instead of ``input``'s class-dimension-1 layout, logits with the classes last
+    that are (a view of) ``input``: (N, C), or (G, T, C) groups of rows read where they are
+    (``logits[:, :-1]``, transposed logits); ``target`` then holds one id per row, flat."""
     input, target, weight = options["input"], options["target"], options["weight"]
     process_group = options["process_group"]
-    n_classes = checks.check_logits(input, sliced=process_group is not None)
-    checks.check_tensor("target", target)
-    if target.is_floating_point() and target.shape == input.shape:
-        _check_probability_call(weight, n_classes, input.device, options)
-        return functools.partial(_probability_loss, input, target, weight, options)
-    checks.check_class_target(input, target)
+    if rows is None:
+        n_classes = checks.check_logits(input, sliced=process_group is not None)
+        checks.check_tensor("target", target)
+        if target.is_floating_point() and target.shape == input.shape:
+            _check_probability_call(weight, n_classes, input.device, options)
+            return functools.partial(_probability_loss, input, target, weight, options)
+        checks.check_class_target(input, target)
+    else:
+        n_classes = checks.check_class_rows(rows, target)
     checks.check_weight(weight, None if process_group is not None else n_classes, input.device)
     spec = checks.make_spec(options, resolve_impl(options["impl"], input.device, input.dtype))
     checks.check_token_weight(options["token_weight"], target)
     num_items = checks.check_num_items(options["num_items_in_batch"], spec.reduction,
                                        input.device)
-    logits = _as_rows(input, n_classes)
+    logits = _as_rows(input, n_classes) if rows is None else rows
+    if logits.stride(-1) != 1 and n_classes > 1:
+        logits = logits.contiguous()  # the kernels read the classes with a unit stride
     if spec.inplace_backward and torch.is_grad_enabled() and input.requires_grad:
         checks.check_inplace_target(input, logits)
     return functools.partial(_cross_entropy, input, logits, target, weight, num_items, spec,
@@ -246,19 +194,8 @@ def _cross_entropy(input: Tensor, logits: Tensor, target: Tensor, weight: Tensor
         weight = weight.detach().to(math_dtype).contiguous()
     if token_weight is not None:
         token_weight = token_weight.detach().reshape(-1).to(math_dtype).contiguous()
-    if process_group is not None:
-        outputs = distributed.vocab_parallel_cross_entropy(
-            logits, flat_target, weight, num_items, spec, process_group, wants_grad,
-            token_weight)
-    elif wants_grad:
-        outputs = CrossEntropyFunction.apply(logits, flat_target, weight, num_items, spec,
-                                             token_weight)
-    else:
-        scale = reduction_scale(flat_target, weight, spec, n_classes, num_items, math_dtype,
-                                token_weight)
-        rows, _, _ = forward_pass(logits, flat_target, weight, scale, spec, compute_grad=False)
-        rows = weigh_rows(rows, flat_target, spec, token_weight)
-        outputs = reduce_rows(rows, flat_target, spec, scale, spec.out_dtype or logits.dtype)
+    outputs = autograd.cross_entropy_outputs(logits, flat_target, weight, num_items, spec,
+                                             token_weight, wants_grad, process_group)
     return _finish(outputs, spec, target.shape)
 
 
@@ -286,6 +223,19 @@ def cross_entropy_dtensor(logits, target: Tensor, **kwargs) -> Tensor:
     return cross_entropy(logits.to_local(), target, process_group=mesh.get_group(), **kwargs)
 
 
+def linear_options(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                   linear_bias: Tensor | None = None, weight: Tensor | None = None,
+                   reduction: str = "mean", ignore_index: int = -100,
+                   label_smoothing: float = 0.0, **keywords) -> dict:
+    """A ``linear_cross_entropy`` call's arguments as one dict, its options checked and
+    completed (``fusedce.options.collect``)."""
+    return dict(input=input, linear_weight=linear_weight, target=target,
+                linear_bias=linear_bias, weight=weight, reduction=reduction,
+                ignore_index=ignore_index, label_smoothing=label_smoothing,
+                **options.collect(options.LINEAR, keywords))
+
+
+@options.public(options.LINEAR)
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -296,19 +246,7 @@ def linear_cross_entropy(
     reduction: Literal["none", "mean", "sum"] = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    lse_square_scale: float = 0.0,
-    num_items_in_batch: int | Tensor | None = None,
-    return_stats: bool = False,
-    out_dtype: torch.dtype | None = None,
-    chunk_size: int | None = None,
-    impl: ImplChoice = "auto",
-    backward: Literal["auto", "stored", "recompute"] = "auto",
-    temperature: float = 1.0,
-    token_weight: Tensor | None = None,
-    differentiable_stats: bool = False,
-    batch_invariant: bool = False,
+    **keywords,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
@@ -316,9 +254,10 @@ def linear_cross_entropy(
     target, weight, ...)``, with PyTorch's ``F.linear_cross_entropy`` argument names and order,
     computed more accurately for 16-bit inputs: each chunk's logits are made in float32 (a
     16-bit product with float32 output, the bias added in float32), so no logit is rounded to 16
-    bits before the loss.  Tokens are processed ``chunk_size`` rows at a time; the gradients of
-    ``input``, ``linear_weight`` (accumulated in float32 for 16-bit weights) and ``linear_bias``
-    are made during the forward, and the backward only scales them by ``grad_output``.
+    bits before the loss.  Tokens are processed in chunks; the gradients of ``input``,
+    ``linear_weight`` (accumulated in float32 for 16-bit weights) and ``linear_bias`` are made
+    during the forward, and the backward only scales them by ``grad_output`` (a recomputing
+    backward makes them in one more chunked pass, the products run again).
 
     Args:
         input: (N, H) or (..., H) hidden states, float32/bfloat16/float16/float64.
@@ -327,28 +266,17 @@ def linear_cross_entropy(
             probabilities of shape (..., C), floating point, which are computed unfused by
             ``torch.nn.functional.cross_entropy`` (the targets are as large as the logits).
         linear_bias: (C,) or None.
-        weight: (C,) class weights, or None.
-        reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale,
-        num_items_in_batch, return_stats, impl: as in ``fusedce.cross_entropy``.
-        out_dtype: dtype of the returned loss (default: the input's), e.g. ``torch.float32``.
-        chunk_size: rows per chunk; None picks logits about the size of ``input`` (at least
-            8 Mi elements, at most 1/8 of free GPU memory).
-        backward: ``"stored"``: the gradients are made in the forward and scaled by
-            ``grad_output`` in the backward; ``"recompute"``: the backward makes them in one more
-            chunked pass with ``grad_output`` folded in (the matrix products run twice);
-            ``"auto"``: recompute for ``reduction="none"``, stored otherwise.
-        temperature, token_weight: as in ``fusedce.cross_entropy``.
-        differentiable_stats: as in ``fusedce.cross_entropy``; the backward recomputes each
-            chunk's logits from the hidden states and the weight (the products run again).
-        batch_invariant: as in ``fusedce.cross_entropy``; tokens then go through fixed-size
-            chunks (``chunk_size``, or a size set by the vocabulary alone), the last one padded,
-            so the same matrix-product shape always runs.
+        weight, reduction, ignore_index, label_smoothing: as in ``fusedce.cross_entropy``.
+        {options}
 
     Returns:
         The loss (the target's shape for ``none``); with ``return_stats``,
         ``(loss, CrossEntropyStats)``.
     """
-    return prepare_linear_cross_entropy(dict(locals()))()
+    return prepare_linear_cross_entropy(linear_options(
+        input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        **keywords))()
 
 
 def _linear_probability_loss(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
@@ -375,8 +303,6 @@ def prepare_linear_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
                                  target, weight, options)
     checks.check_class_target(input, target, class_dim=None)
     checks.check_weight(weight, n_classes, input.device)
-    if chunk_size is not None and (not checks.is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     spec = checks.make_spec(options, resolve_impl(options["impl"], input.device, input.dtype))
     checks.check_token_weight(token_weight, target)
     num_items = checks.check_num_items(options["num_items_in_batch"], reduction, input.device)
@@ -396,7 +322,7 @@ def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
         weight = weight.detach().to(spec.math_dtype(x.dtype)).contiguous()
     if token_weight is not None:
         token_weight = token_weight.detach().reshape(-1).to(spec.math_dtype(x.dtype)).contiguous()
-    outputs = linear.linear_cross_entropy_outputs(
+    outputs = autograd.linear_cross_entropy_outputs(
         x, linear_weight, target.reshape(-1).to(torch.int64), linear_bias, weight, num_items,
         spec, chunk_size, token_weight)
     return _finish(outputs, spec, target.shape)

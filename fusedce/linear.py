@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from . import checks, torch_impl
-from .autograd import loss_factors, non_differentiable, refuse_double_backward, stat_grads
-from .passes import reduce_rows, reduction_scale, row_scale, run_pass, weigh_rows
+from .passes import run_pass
 from .spec import LossSpec, RowResults, accumulation_dtype
 
 # Logits elements per chunk when the hidden states are smaller than this: 8 Mi (32 MiB float32),
@@ -247,109 +246,21 @@ def _(x, w, b, target, weight, scale, lse_grad, entropy_grad, spec, chunk_size, 
             x.new_empty((w.shape[0],) if need_b else (0,)))
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without the logits tensor.
-
-    Call as::
-
-        LinearCrossEntropyFunction.apply(
-            input,               # (N, H) hidden states, unit column stride
-            linear_weight,       # (C, H) LM head
-            linear_bias,         # (C,) or None
-            target,              # (N,) int64 class indices
-            weight,              # (C,) class weights in the math dtype, contiguous, or None
-            num_items_in_batch,  # int | float | Tensor | None
-            spec,                # fusedce.LossSpec (inplace_backward is not used)
-            chunk_size,          # int: rows per chunk, or 0 for the default
-            token_weight,        # (N,) per-token weights in the math dtype, or None (optional)
-        )
-
-    and get ``(loss, lse, z_loss, accuracy, entropy, argmax)`` as ``CrossEntropyFunction``
-    does, with the same differentiable outputs.  Arguments are checked by
-    ``fusedce.linear_cross_entropy``, not here.
-    """
-
-    @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, num_items_in_batch,
-                spec, chunk_size, token_weight=None):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                linear_bias is not None and ctx.needs_input_grad[2])
-        scale = reduction_scale(target, weight, spec, linear_weight.shape[0],
-                                num_items_in_batch, spec.math_dtype(input.dtype), token_weight)
-        grad_scale = row_scale(scale, target, spec, token_weight)
-        deferred = spec.recompute_backward and any(need)
-        *rows, gx, gw, gb = _linear_ce_pass_op(
-            input, linear_weight, linear_bias, target, weight, grad_scale, None, None,
-            spec.encode(), chunk_size, *((False,) * 3 if deferred else need))
-        rows = weigh_rows(RowResults(*rows), target, spec, token_weight)
-        outputs = reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
-        ctx.mark_non_differentiable(*non_differentiable(outputs, spec))
-        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
-        ctx.deferred, ctx.need, ctx.consumed = deferred, need, False
-        ctx.spec, ctx.chunk_size = spec, chunk_size
-        if deferred:
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_scale)
-        else:
-            ctx.save_for_backward(*(g if n else None for g, n in zip((gx, gw, gb), need)))
-        return outputs
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_lse, _z, _accuracy, grad_entropy, _argmax):
-        refuse_double_backward("fusedce.linear_cross_entropy")
-        compiling = torch.compiler.is_compiling()
-        if ctx.consumed and not compiling:
-            raise RuntimeError(
-                "fusedce.linear_cross_entropy's backward ran twice: it scales the gradients "
-                "made in the forward in place, so retain_graph=True is not supported"
-            )
-        ctx.consumed = True
-        if ctx.deferred:
-            x, w, b, target, weight, scale = ctx.saved_tensors
-            # The per-token factors (and the statistics' gradients) go to the kernel per row.
-            grads_in = stat_grads(grad_lse, grad_entropy, x.shape[0], scale, ctx.spec)
-            *_, gx, gw, gb = _linear_ce_pass_op(
-                x, w, b, target, weight, loss_factors(grad_output, scale),
-                *(grads_in if grads_in is not None else (None, None)),
-                ctx.spec.replace(return_stats=False).encode(), ctx.chunk_size, *ctx.need)
-            grads = [g if n else None for g, n in zip((gx, gw, gb), ctx.need)]
-        else:
-            grads = list(ctx.saved_tensors)
-            if compiling:
-                grads = [g * grad_output.to(g.dtype) if g is not None else None for g in grads]
-            else:
-                for g in grads:
-                    if g is not None:
-                        g.mul_(grad_output.to(g.dtype))  # small tensors: (N, H), (C, H), (C,)
-        return (*grads, None, None, None, None, None, None)
+# The chunked pass under the name the autograd Function calls it by.
+linear_ce_pass = _linear_ce_pass_op
 
 
-def linear_cross_entropy_outputs(
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
-    num_items_in_batch,
-    spec: LossSpec,
-    chunk_size: int | None,
-    token_weight: Tensor | None = None,
-) -> tuple[Tensor, ...]:
-    """Through autograd when a gradient is wanted, else a plain chunked pass."""
-    chunk_size = chunk_size or 0
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
-    if wants_grad:
-        return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target,
-                                                weight, num_items_in_batch, spec, chunk_size,
-                                                token_weight)
-    scale = reduction_scale(target, weight, spec, linear_weight.shape[0], num_items_in_batch,
-                            spec.math_dtype(input.dtype), token_weight)
-    *rows, _, _, _ = _linear_ce_pass_op(input, linear_weight, linear_bias, target, weight, scale,
-                                        None, None, spec.encode(), chunk_size, False, False,
-                                        False)
-    rows = weigh_rows(RowResults(*rows), target, spec, token_weight)
-    return reduce_rows(rows, target, spec, scale, spec.out_dtype or input.dtype)
+def __getattr__(name: str):
+    if name in ("LinearCrossEntropyFunction", "linear_cross_entropy_outputs"):
+        import warnings
+
+        from . import autograd
+
+        warnings.warn(f"fusedce.linear.{name} moved to fusedce.autograd.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(autograd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LinearCrossEntropyFunction", "check_linear_inputs",
-           "default_chunk_size", "invariant_chunk_size", "linear_cross_entropy_outputs"]
+__all__ = ["check_linear_inputs", "default_chunk_size", "invariant_chunk_size",
+           "linear_ce_pass"]

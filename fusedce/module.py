@@ -3,76 +3,69 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .functional import CrossEntropyStats, ImplChoice, cross_entropy, linear_cross_entropy
+from . import options
+from .functional import CrossEntropyStats, cross_entropy, linear_cross_entropy
 
 
 class _KeepsOptions(nn.Module):
-    """A loss module that keeps its constructor's keywords as attributes (the class weights as
-    a buffer, so ``.to()`` and ``state_dict`` carry them) and hands them to its function."""
+    """A loss module that keeps PyTorch's arguments and its keyword options (``fusedce.options``,
+    checked and completed at construction) as attributes, the class weights as a buffer (so
+    ``.to()`` and ``state_dict`` carry them), and hands them to its function."""
 
-    _NOT_OPTIONS = ("self", "__class__", "weight")
+    _ENTRY: str
 
-    def _keep(self, options: dict, *not_options: str) -> None:
-        self.register_buffer("weight", options["weight"])
+    def _keep(self, weight: Tensor | None, explicit: dict, keywords: dict) -> None:
+        self.register_buffer("weight", weight)
         self.weight: Tensor | None
-        self._option_names = [k for k in options if k not in self._NOT_OPTIONS + not_options]
-        for name in self._option_names:
-            setattr(self, name, options[name])
+        kept = dict(explicit, **options.collect(self._ENTRY, keywords))
+        self._option_names = list(kept)
+        for name, value in kept.items():
+            setattr(self, name, value)
 
     def _options(self) -> dict:
         return {name: getattr(self, name) for name in self._option_names}
 
     def extra_repr(self) -> str:
-        defaults = inspect.signature(type(self).__init__).parameters
         always = ("ignore_index", "reduction", "label_smoothing", "impl")
+        defaults = {o.name: o.default for o in options.OPTIONS}
         return ", ".join(f"{k}={v!r}" for k, v in self._options().items()
-                         if k in always or v != defaults[k].default)
+                         if k in always or k not in defaults or v != defaults[k])
 
 
+@options.public_class(options.CE_MODULE)
 class CrossEntropyLoss(_KeepsOptions):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` backed by ``fusedce.cross_entropy``.
-
-    Args:
-        weight: (C,) class weights, kept as a buffer (so ``.to()`` and ``state_dict`` carry it).
-        ignore_index, reduction, label_smoothing: as in ``torch.nn.CrossEntropyLoss``.
-        impl, inplace_backward, logit_scale, softcap, lse_square_scale, return_stats,
-        out_dtype, process_group, backward, temperature, differentiable_stats,
-        batch_invariant: as in ``fusedce.cross_entropy``.
 
     Shape: ``input`` (N, C), (C,) or (N, C, d1, ...); ``target`` (N,), () or (N, d1, ...).
     ``forward(input, target, num_items_in_batch=None, token_weight=None)`` takes the
     gradient-accumulation denominator and the per-token weights per call, since they change
     with every batch.
+
+    Args:
+        weight: (C,) class weights, kept as a buffer (so ``.to()`` and ``state_dict`` carry it).
+        ignore_index, reduction, label_smoothing: as in ``torch.nn.CrossEntropyLoss``.
+        {options}
     """
 
+    _ENTRY = options.CE_MODULE
+
+    @options.public(options.CE_MODULE)
     def __init__(
         self,
         weight: Tensor | None = None,
         ignore_index: int = -100,
         reduction: Literal["none", "mean", "sum"] = "mean",
         label_smoothing: float = 0.0,
-        *,
-        impl: ImplChoice = "auto",
-        inplace_backward: bool = False,
-        logit_scale: float = 1.0,
-        softcap: float | None = None,
-        lse_square_scale: float = 0.0,
-        return_stats: bool = False,
-        out_dtype: torch.dtype | None = None,
-        process_group: object | None = None,
-        backward: Literal["auto", "stored", "recompute"] = "auto",
-        temperature: float = 1.0,
-        differentiable_stats: bool = False,
-        batch_invariant: bool = False,
+        **keywords,
     ) -> None:
         super().__init__()
-        self._keep(dict(locals()))
+        self._keep(weight, dict(ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=label_smoothing), keywords)
 
     def forward(
         self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None,
@@ -82,24 +75,27 @@ class CrossEntropyLoss(_KeepsOptions):
                              token_weight=token_weight, **self._options())
 
 
+@options.public_class(options.LINEAR_MODULE)
 class LinearCrossEntropyLoss(_KeepsOptions):
     """An LM head and its cross-entropy in one: ``fusedce.linear_cross_entropy`` as a module.
 
     Holds the projection (``linear_weight`` of shape (C, H), optional ``linear_bias``) as
-    parameters, like ``nn.Linear(H, C)``; ``forward(input, target, num_items_in_batch=None)``
-    returns the loss of ``input @ linear_weight.T + linear_bias`` against ``target`` without
-    materialising the logits.
+    parameters, like ``nn.Linear(H, C)``; ``forward(input, target, num_items_in_batch=None,
+    token_weight=None)`` returns the loss of ``input @ linear_weight.T + linear_bias`` against
+    ``target`` without materialising the logits.
 
     Args:
         in_features, num_classes: H and C.
         bias: whether the projection has a bias.
-        weight, ignore_index, reduction, label_smoothing, logit_scale, softcap,
-        lse_square_scale, return_stats, out_dtype, chunk_size, impl, backward, temperature,
-        differentiable_stats, batch_invariant: as in ``fusedce.linear_cross_entropy``;
-        ``weight`` (class weights) is kept as a buffer.
+        weight: (C,) class weights, kept as a buffer.
+        ignore_index, reduction, label_smoothing: as in ``fusedce.linear_cross_entropy``.
         device, dtype: of the parameters.
+        {options}
     """
 
+    _ENTRY = options.LINEAR_MODULE
+
+    @options.public(options.LINEAR_MODULE)
     def __init__(
         self,
         in_features: int,
@@ -110,26 +106,16 @@ class LinearCrossEntropyLoss(_KeepsOptions):
         ignore_index: int = -100,
         reduction: Literal["none", "mean", "sum"] = "mean",
         label_smoothing: float = 0.0,
-        logit_scale: float = 1.0,
-        softcap: float | None = None,
-        lse_square_scale: float = 0.0,
-        return_stats: bool = False,
-        out_dtype: torch.dtype | None = None,
-        chunk_size: int | None = None,
-        impl: ImplChoice = "auto",
-        backward: Literal["auto", "stored", "recompute"] = "auto",
-        temperature: float = 1.0,
-        differentiable_stats: bool = False,
-        batch_invariant: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **keywords,
     ) -> None:
         super().__init__()
         proj = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.linear_weight = proj.weight
         self.linear_bias = proj.bias
-        self._keep(dict(locals()), "in_features", "num_classes", "bias", "device", "dtype",
-                   "proj")
+        self._keep(weight, dict(ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=label_smoothing), keywords)
 
     def forward(
         self, input: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None,

@@ -16,6 +16,11 @@ from . import backends
 from .spec import LossSpec, RowResults, RowStats
 
 
+def n_rows(logits: Tensor) -> int:
+    """The rows of (N, C) logits or of (G, T, C) groups of rows (``fusedce.kernels.Rows``)."""
+    return logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
+
+
 def run_pass(logits: Tensor, target: Tensor, weight: Tensor | None, scale: Tensor | None,
              spec: LossSpec, grad: Tensor | None, *, weight_sum: Tensor | None = None,
              **placement) -> RowResults:
@@ -57,7 +62,7 @@ def _ce_forward_op(
     acc = options.math_dtype(logits.dtype)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
         if compute_grad else None
-    stats_out = torch.empty(4, logits.shape[0], 1, dtype=acc, device=logits.device) \
+    stats_out = torch.empty(4, n_rows(logits), 1, dtype=acc, device=logits.device) \
         if store_stats else None
     rows = run_pass(logits, target, weight, scale, options, grad,
                     row_stats=RowStats(stats_in, _empty(logits)) if stats_in is not None
@@ -68,7 +73,7 @@ def _ce_forward_op(
 
 
 def _fake_rows(logits: Tensor, spec: LossSpec) -> list[Tensor]:
-    n = logits.shape[0]
+    n = n_rows(logits)
     acc = spec.math_dtype(logits.dtype)
     n_stats = n if spec.return_stats else 0
     return [logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc),
@@ -82,7 +87,7 @@ def _(logits, target, weight, scale, stats_in, lse_grad, entropy_grad, spec, com
       store_stats):
     options = LossSpec.decode(spec)
     rows = _fake_rows(logits, options)
-    stats = logits.new_empty((4, logits.shape[0], 1) if store_stats else (0,),
+    stats = logits.new_empty((4, n_rows(logits), 1) if store_stats else (0,),
                              dtype=rows[0].dtype)
     return (*rows, stats, logits.new_empty(logits.shape if compute_grad else (0,)))
 
@@ -256,5 +261,5 @@ def reduce_rows(
     return loss, rows.lse, z_loss, accuracy, rows.entropy, rows.argmax
 
 
-__all__ = ["forward_pass", "reduce_rows", "reduction_scale", "row_scale", "row_stats", "run_pass",
-           "scale_grad_", "weigh_rows"]
+__all__ = ["forward_pass", "n_rows", "reduce_rows", "reduction_scale", "row_scale", "row_stats",
+           "run_pass", "scale_grad_", "weigh_rows"]

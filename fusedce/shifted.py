@@ -5,10 +5,9 @@ labels aligned with them), a shift, and where sequences and documents end.
 ``labels[..., t + shift]``; a position is not counted when ``t + shift`` leaves the sequence,
 crosses a document boundary (``cu_seqlens`` or restarting ``position_ids`` of packed rows),
 falls on a masked position (``attention_mask`` 0) or on ``ignore_index``.  The logits are read
-where they are: a (..., T, V) tensor whose rows form a view is one pass, and so is
-``logits[:, :-1]`` (its sequences are rows of the same storage, the rows between them ignored);
-any other layout is read sequence by sequence, never copied (out of place only: in place, each
-sequence's write would change the storage the others' autograd records hold).  The only
+where they are, in one pass: a (..., T, V) tensor whose rows form a view as (N, V) rows, any
+other layout (``logits[:, :-1]``, transposed logits) as (B, T, V) groups of rows, which the
+core reads by their group and row strides (``fusedce.kernels.Rows``), in place too.  The only
 per-token array made is the targets themselves: one int64 per position, built on the device in
 one expression (8 bytes per token beside the logits' ``2 * V``), so the shift and the masks
 cannot drift apart and no label has to be prepared with -100 by hand.
@@ -29,14 +28,11 @@ from torch import Tensor
 from . import checks
 from .functional import (
     CrossEntropyStats,
-    call_options,
-    cross_entropy,
-    linear_cross_entropy,
+    ce_options,
+    linear_options,
     prepare_cross_entropy,
     prepare_linear_cross_entropy,
 )
-from .passes import reduction_scale
-from .spec import LossSpec, accumulation_dtype
 
 
 class MultiTokenStats(NamedTuple):
@@ -172,96 +168,14 @@ def _depth_weights(depth_weights, n: int) -> tuple[float, ...]:
     return weights
 
 
-def _flat_rows(logits: Tensor) -> Tensor | None:
-    """(N, V) view of (..., T, V) logits, or None when the rows do not form one."""
+def _rows(logits: Tensor) -> Tensor:
+    """(..., T, V) logits as the rows the core reads in place: an (N, V) view where the
+    positions form one, else (G, T, V) groups of rows (``logits[:, :-1]``, transposed
+    logits); a copy only when the leading dimensions cannot be merged into a view."""
     try:
         return logits.view(-1, logits.shape[-1])
     except RuntimeError:
-        return None
-
-
-class _RowsOfBlocks(torch.autograd.Function):
-    """(B, T', V) logits whose sequences are ``k >= T'`` rows apart (``logits[:, :-1]`` of
-    (B, T, V) logits: k = T) as the (B * k, V) row view of the same storage; rows ``t >= T'``
-    of each sequence are other elements of the caller's storage, which the caller's targets
-    (ignored there) never let a pass read into a result.  The backward keeps the gradient's
-    own rows of the block view: no copy either way."""
-
-    @staticmethod
-    def forward(ctx, blocks: Tensor, k: int):
-        b_n, t_n, v = blocks.shape
-        ctx.shape = (b_n, k, t_n, v)
-        return blocks.detach().as_strided((b_n * k, v), (blocks.stride(1), 1))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        b_n, k, t_n, v = ctx.shape
-        return grad.view(b_n, k, v)[:, :t_n], None
-
-
-def _row_spacing(blocks: Tensor) -> int | None:
-    """``k`` when (B, T', V) ``blocks`` lie ``k`` rows apart inside their storage (see
-    ``_RowsOfBlocks``), else None."""
-    b_n, t_n, v = blocks.shape
-    s_b, s_t, s_v = blocks.stride()
-    if s_v != 1 or s_t < v or b_n == 0 or t_n == 0 or s_b % s_t or s_b // s_t < t_n:
-        return None
-    k = s_b // s_t
-    last = blocks.storage_offset() + ((b_n - 1) * k + k - 1) * s_t + v
-    if last > blocks.untyped_storage().nbytes() // blocks.element_size():
-        return None
-    return k
-
-
-def _blocks_loss(logits: Tensor, target: Tensor, weight, kwargs: dict):
-    """Logits whose rows do not form a view (``logits[:, :-1]`` without a common row spacing,
-    transposed logits): one ``cross_entropy`` per leading index, each a (T, V) view, combined
-    into the reduction asked for.  Every call is checked before any runs; the per-block losses
-    are summed in the math dtype (float64 for float64 logits) and rounded once."""
-    reduction = kwargs.get("reduction", "mean")
-    stats_wanted = kwargs.get("return_stats", False)
-    out_dtype = kwargs.get("out_dtype") or logits.dtype
-    acc = accumulation_dtype(logits.dtype)
-    blocks = logits.reshape(-1, *logits.shape[-2:])  # leading dims: a view for slices
-    targets = target.reshape(-1, target.shape[-1])
-    token_weight = kwargs.pop("token_weight", None)
-    num_items = kwargs.pop("num_items_in_batch", None)
-    ignore = kwargs.get("ignore_index", -100)
-    counted = targets != ignore
-    kw = dict(kwargs, reduction="sum" if reduction == "mean" else reduction, out_dtype=acc)
-    calls = []
-    for i in range(blocks.shape[0]):
-        tw = token_weight.reshape(targets.shape)[i] if token_weight is not None else None
-        calls.append(prepare_cross_entropy(
-            call_options(cross_entropy, blocks[i], targets[i], weight, token_weight=tw, **kw)))
-    if reduction == "mean":
-        # The mean's factor over all blocks, as one call would compute it.
-        scale = reduction_scale(
-            targets.reshape(-1), None if weight is None else weight.detach().to(acc),
-            LossSpec(ignore_index=ignore, reduction="mean", impl="torch"), logits.shape[-1],
-            checks.check_num_items(num_items, reduction, logits.device), acc,
-            None if token_weight is None else token_weight.reshape(-1).to(acc))[0]
-    outs = [call() for call in calls]
-    losses = [o[0] if stats_wanted else o for o in outs]
-    if reduction == "none":
-        loss = torch.stack(losses).reshape(target.shape)
-    else:
-        loss = torch.stack(losses).sum()
-        if reduction == "mean":
-            loss = torch.where(scale != 0, loss * scale, 0.0)
-    loss = loss.to(out_dtype)
-    if not stats_wanted:
-        return loss
-    stats = [o[1] for o in outs]
-    n = counted.sum(dim=1).to(acc)
-    accuracy = (torch.stack([s.accuracy for s in stats]) * n).sum() / n.sum().clamp_min(1.0)
-    z = torch.stack([s.z_loss for s in stats])
-    z_loss = z.reshape(target.shape) if reduction == "none" else (
-        z.sum() if reduction == "sum" else torch.where(scale != 0, z.sum() * scale, 0.0))
-    return loss, CrossEntropyStats(
-        torch.stack([s.lse for s in stats]).reshape(target.shape), z_loss, accuracy,
-        torch.stack([s.entropy for s in stats]).reshape(target.shape),
-        torch.stack([s.argmax for s in stats]).reshape(target.shape))
+        return logits.reshape(-1, *logits.shape[-2:])
 
 
 def _prepare_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_weight):
@@ -271,64 +185,22 @@ def _prepare_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_
         if tuple(kwargs["token_weight"].shape) != tuple(target.shape):
             raise ValueError(f"token_weight must have the labels' shape {tuple(target.shape)},"
                              f" got {tuple(kwargs['token_weight'].shape)}")
-        if linear_weight is not None or _flat_rows(logits) is not None:
-            kwargs["token_weight"] = kwargs["token_weight"].reshape(-1)
+        kwargs["token_weight"] = kwargs["token_weight"].reshape(-1)
 
     def back_to_labels(v: Tensor) -> Tensor:
         return v.reshape(target.shape)
 
     if linear_weight is not None:
         hidden = logits.reshape(-1, logits.shape[-1])
-        call = prepare_linear_cross_entropy(call_options(
-            linear_cross_entropy, hidden, linear_weight, target.reshape(-1), weight=weight,
-            **kwargs))
+        call = prepare_linear_cross_entropy(linear_options(
+            hidden, linear_weight, target.reshape(-1), weight=weight, **kwargs))
         return lambda: _per_row(call(), kwargs, back_to_labels)
     if logits.dim() < 2 or tuple(logits.shape[:-1]) != tuple(target.shape):
         raise ValueError(f"logits must have shape labels.shape + (V,) = "
                          f"{tuple(target.shape)} + (V,), got {tuple(logits.shape)}")
-    rows = _flat_rows(logits)
-    if rows is not None:
-        call = prepare_cross_entropy(call_options(cross_entropy, rows, target.reshape(-1),
-                                                  weight, **kwargs))
-        return lambda: _per_row(call(), kwargs, back_to_labels)
-    blocks = logits.reshape(-1, *logits.shape[-2:])  # a view for slices
-    if kwargs.get("inplace_backward") and blocks.shape[0] > 1:
-        # Each block's pass would write into the one storage while the others' autograd
-        # records still hold it; refused before anything is written.
-        raise ValueError(
-            f"inplace_backward=True needs logits whose positions form the rows of one view "
-            f"(a contiguous (..., T, V) tensor or a slice of its rows); got shape "
-            f"{tuple(logits.shape)} with strides {logits.stride()} (e.g. logits[:, :-1] or "
-            f"transposed logits): pass inplace_backward=False (the logits are still read in "
-            f"place) or contiguous logits")
-    k = None if kwargs.get("inplace_backward") else _row_spacing(blocks)
-    if k is None:
-        kw = dict(kwargs)
-        if kw.get("token_weight") is not None:
-            checks.check_token_weight(kw["token_weight"], target)
-        # Check every block's call (and the mean's denominator) before any runs.
-        for i in range(blocks.shape[0]):
-            tw = kw["token_weight"].reshape(-1, target.shape[-1])[i] \
-                if kw.get("token_weight") is not None else None
-            prepare_cross_entropy(call_options(
-                cross_entropy, blocks[i], target.reshape(-1, target.shape[-1])[i], weight,
-                **dict(kw, token_weight=tw, num_items_in_batch=None)))
-        checks.check_num_items(kw.get("num_items_in_batch"), kw.get("reduction", "mean"),
-                               logits.device)
-        return lambda: _blocks_loss(logits, target, weight, dict(kw))
-    rows = _RowsOfBlocks.apply(blocks, k)
-    # Targets of the rows between the sequences: ignored (never read, zero gradient).
-    ignore = kwargs.get("ignore_index", -100)
-    flat_target = F.pad(target.reshape(-1, target.shape[-1]),
-                        (0, k - target.shape[-1]), value=ignore).reshape(-1)
-    if kwargs.get("token_weight") is not None:
-        tw = kwargs["token_weight"].reshape(-1, target.shape[-1])
-        kwargs["token_weight"] = F.pad(tw, (0, k - target.shape[-1])).reshape(-1)
-    call = prepare_cross_entropy(call_options(cross_entropy, rows, flat_target, weight,
-                                              **kwargs))
-    t_n = target.shape[-1]
-    return lambda: _per_row(call(), kwargs,
-                            lambda v: v.reshape(-1, k)[:, :t_n].reshape(target.shape))
+    call = prepare_cross_entropy(ce_options(logits, target.reshape(-1), weight, **kwargs),
+                                 rows=_rows(logits))
+    return lambda: _per_row(call(), kwargs, back_to_labels)
 
 
 def _per_row(out, kwargs: dict, rows):
@@ -404,9 +276,9 @@ def shifted_cross_entropy(
     from ``input_ids`` with no label preparation.
 
     Args:
-        logits: (..., T, V) logits, read in place (a layout whose rows do not form a view, such
-            as ``logits[:, :-1]``, is read block by block, never copied); or a tuple with one
-            such tensor per depth of multi-token prediction.
+        logits: (..., T, V) logits, read where they are (``logits[:, :-1]`` and transposed
+            logits included, never copied); or a tuple with one such tensor per depth of
+            multi-token prediction.
         labels: (..., T) integer ids: ``input_ids`` themselves, or labels with ``ignore_index``
             where no loss is wanted (a prompt).
         shift: how far ahead the target is (1: next token; 0: labels already aligned, e.g.
@@ -424,9 +296,9 @@ def shifted_cross_entropy(
             ``num_items_in_batch`` (a tuple of one count per depth is accepted),
             ``inplace_backward``, ...), with the same meaning.  Uncounted positions get loss 0
             and an exactly zero gradient.  Every depth's call is checked before any depth is
-            computed; with ``inplace_backward=True`` the logits must be the rows of one view
-            (a contiguous (..., T, V) tensor or a slice of its rows) and depths must not share
-            memory, else an error is raised before anything is written.
+            computed; with ``inplace_backward=True`` no element of the logits may overlap
+            another and depths must not share memory, else an error is raised before anything
+            is written.
 
     Returns:
         As ``fusedce.cross_entropy`` (``reduction="none"``: the labels' shape).  With a tuple

@@ -47,7 +47,6 @@ class LossSpec:
             ``"recompute"`` (the forward keeps per-row statistics, the backward writes the
             gradient with ``grad_output`` folded in) or ``"auto"`` (recompute for
             ``reduction="none"``, stored otherwise); see ``recompute_backward``.
-        block_size, n_splits: kernel tiling overrides (None: the launch heuristic).
     """
 
     ignore_index: int = -100
@@ -63,8 +62,6 @@ class LossSpec:
     inplace_backward: bool = False
     out_dtype: torch.dtype | None = None
     backward: Backward = "auto"
-    block_size: int | None = None
-    n_splits: int | None = None
 
     # Flags derived from the options: one name each, used by every layer.
     @property
@@ -120,36 +117,37 @@ class LossSpec:
     def encode(self) -> str:
         """The spec as one string: the custom ops' single options argument.  Plain string
         operations on constants, so ``torch.compile`` folds it while tracing."""
-        dtype = "None" if self.out_dtype is None else _DTYPE_NAMES[self.out_dtype]
-        values = [str(self.ignore_index), self.reduction, str(self.label_smoothing),
-                  str(self.logit_scale), str(self.softcap), str(self.lse_square_scale),
-                  str(self.return_stats), str(self.differentiable_stats),
-                  str(self.batch_invariant), self.impl, str(self.inplace_backward), dtype,
-                  self.backward, str(self.block_size), str(self.n_splits)]
-        return ";".join(values)
+        return ";".join(_DTYPE_NAMES[v] if isinstance(v, torch.dtype) else str(v)
+                        for v in (getattr(self, name) for name in FIELD_NAMES))
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def decode(text: str) -> LossSpec:
-        (ignore_index, reduction, smoothing, logit_scale, softcap, z_scale, stats, diff_stats,
-         invariant, impl, inplace, dtype, backward, block_size, n_splits) = text.split(";")
+        return LossSpec(**{f.name: _parse(value, f.type)
+                           for f, value in zip(_FIELDS, text.split(";"))})
 
-        def optional(value: str, kind):
-            return None if value == "None" else kind(value)
 
-        return LossSpec(
-            ignore_index=int(ignore_index), reduction=reduction, label_smoothing=float(smoothing),
-            logit_scale=float(logit_scale), softcap=optional(softcap, float),
-            lse_square_scale=float(z_scale), return_stats=stats == "True",
-            differentiable_stats=diff_stats == "True", batch_invariant=invariant == "True",
-            impl=impl,
-            inplace_backward=inplace == "True",
-            out_dtype=None if dtype == "None" else getattr(torch, dtype), backward=backward,
-            block_size=optional(block_size, int), n_splits=optional(n_splits, int))
+def _parse(value: str, kind: str):
+    """A field's value back from ``str`` (the dataclass's annotations are strings here)."""
+    if value == "None":
+        return None
+    if kind == "bool":
+        return value == "True"
+    if kind == "int":
+        return int(value)
+    if kind.startswith("float"):
+        return float(value)
+    if kind.startswith("torch.dtype"):
+        return getattr(torch, value)
+    return value  # the Literal fields: strings
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
+
+
+_FIELDS = dataclasses.fields(LossSpec)
+FIELD_NAMES = tuple(f.name for f in _FIELDS)  # (constants: torch.compile folds encode())
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

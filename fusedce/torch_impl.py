@@ -66,6 +66,26 @@ def _weighted_row_sum(v: Tensor, weight: Tensor | None) -> Tensor:
     return v @ weight if weight is not None else v.sum(dim=1)
 
 
+def _groups(logits: Tensor):
+    """(G, T, C) logits (groups of rows read where they are, as the kernels' ``Rows``): each
+    group's (T, C) view with the slice of the (G * T) rows it holds."""
+    per = logits.shape[1]
+    for g in range(logits.shape[0]):
+        yield logits[g], slice(g * per, (g + 1) * per)
+
+
+def _part(v: Tensor | None, rows: slice, dim: int = 0) -> Tensor | None:
+    """Rows ``rows`` of a per-row tensor (along ``dim``); a scalar, None or an empty tensor (a
+    result not asked for) as it is."""
+    if v is None or v.dim() == 0 or v.numel() <= 1 and dim == 0 or v.numel() == 0:
+        return v
+    return v.narrow(dim, rows.start, rows.stop - rows.start)
+
+
+def _cat_results(parts: list[RowResults]) -> RowResults:
+    return RowResults(*(torch.cat([getattr(p, f) for p in parts]) for f in RowResults._fields))
+
+
 def ce_row_stats(
     logits: Tensor,
     target: Tensor,
@@ -75,6 +95,12 @@ def ce_row_stats(
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> RowStats:
     """``fusedce.kernels.ce_row_stats`` with PyTorch: one partial per row (P = 1)."""
+    if logits.dim() == 3 and logits.shape[0] * logits.shape[1]:
+        parts = [ce_row_stats(x, target[rows], weight, spec, chunk_elements=chunk_elements)
+                 for x, rows in _groups(logits)]
+        return RowStats(torch.cat([p.partials for p in parts], dim=1),
+                        torch.cat([p.argmax for p in parts]))
+    logits = logits.reshape(-1, logits.shape[-1])  # (an empty (G, T, C): no rows)
     n_rows, n_cols = logits.shape
     device = logits.device
     acc = accumulation_dtype(logits.dtype)
@@ -154,6 +180,20 @@ def ce_fwd(
     in float64.  With ``spec.batch_invariant`` every chunk of rows is computed at one fixed
     shape (``_invariant_chunks``).
     """
+    if logits.dim() == 3 and logits.shape[0] * logits.shape[1]:
+        # Groups of rows (the kernels' ``Rows``): each group's (T, C) view, read in place.
+        return _cat_results([ce_fwd(
+            x, target[rows], weight, weight_sum, _part(scale, rows), spec,
+            grad[rows.start // x.shape[0]] if grad is not None else None,
+            row_stats=None if row_stats is None else RowStats(
+                _part(row_stats.partials, rows, 1), _part(row_stats.argmax, rows)),
+            vocab=vocab, stats_out=_part(stats_out, rows, 1),
+            stat_grads=None if stat_grads is None else (_part(stat_grads[0], rows),
+                                                        _part(stat_grads[1], rows)),
+            chunk_elements=chunk_elements) for x, rows in _groups(logits)])
+    logits = logits.reshape(-1, logits.shape[-1])  # (an empty (G, T, C): no rows)
+    if grad is not None:
+        grad = grad.reshape(logits.shape)
     n_rows, n_cols = logits.shape
     check_targets(target, vocab.n_classes if vocab is not None else n_cols, spec.ignore_index)
     args = (weight, weight_sum, scale, spec)
@@ -502,7 +542,8 @@ def ce_reduce(rows: Tensor, scale: Tensor | None, out_dtype: torch.dtype) -> Ten
 
 def ce_bwd(grad: Tensor, grad_output: Tensor) -> None:
     """Multiply the stored gradient by ``grad_output`` (a scalar or one value per row) in place."""
-    factor = grad_output.reshape(-1, 1) if grad_output.dim() > 0 else grad_output
+    factor = grad_output.reshape(*grad.shape[:-1], 1) if grad_output.numel() > 1 \
+        else grad_output.reshape(())
     if factor.device.type == "cpu" and factor.numel() == 1 and float(factor) == 1.0:
         return  # free to check on the host, and the common case
     grad.mul_(factor)

@@ -16,21 +16,29 @@ else:
     from .cross_entropy import (
         INTERPRETED,
         LaunchConfig,
+        Rows,
         ce_bwd,
         ce_fwd,
         ce_reduce,
         ce_row_stats,
         ce_scale,
         launch_config,
+        rows_of,
+        set_tiling,
+        tiling,
     )
 
     __all__ = [
         "INTERPRETED",
         "LaunchConfig",
+        "Rows",
         "ce_bwd",
         "ce_fwd",
         "ce_reduce",
         "ce_row_stats",
         "ce_scale",
         "launch_config",
+        "rows_of",
+        "set_tiling",
+        "tiling",
     ]

@@ -11,6 +11,7 @@ partials before computing the loss and its chunk of gradient.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -100,11 +101,26 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def _check_rows(name: str, t: torch.Tensor) -> None:
-    """The logits and the gradient are read by row stride and unit column stride."""
-    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-        raise ValueError(f"{name} must be (N, C) with a unit column stride, got shape "
-                         f"{tuple(t.shape)} and strides {t.stride()}")
+class Rows(NamedTuple):
+    """How the kernels address the rows of logits (or of their gradient): (N, C), or (G, T, C)
+    groups of rows read where they are (``logits[:, :-1]``, transposed (..., T, C) logits)."""
+
+    n_rows: int
+    n_cols: int
+    stride_row: int
+    stride_group: int
+    per_group: int  # rows per group (N for one group)
+
+
+def rows_of(name: str, t: torch.Tensor) -> Rows:
+    """The row layout of (N, C) or (G, T, C) ``t``, which needs a unit column stride."""
+    if t.dim() not in (2, 3) or (t.shape[-1] > 1 and t.stride(-1) != 1):
+        raise ValueError(f"{name} must be (N, C) or (G, T, C) with a unit column stride, got "
+                         f"shape {tuple(t.shape)} and strides {t.stride()}")
+    if t.dim() == 2:
+        return Rows(t.shape[0], t.shape[1], t.stride(0), 0, max(t.shape[0], 1))
+    return Rows(t.shape[0] * t.shape[1], t.shape[2], t.stride(1), t.stride(0),
+                max(t.shape[1], 1))
 
 
 def _flags(weight: torch.Tensor | None, spec: LossSpec) -> dict:
@@ -113,10 +129,33 @@ def _flags(weight: torch.Tensor | None, spec: LossSpec) -> dict:
                 RETURN_STATS=spec.return_stats, HAS_ENTROPY=spec.has_entropy)
 
 
+# Forced tiling (None: the heuristic), for tests that reach the multi-block and split-vocabulary
+# paths at sizes the interpreter can afford: ``set_tiling`` or ``with tiling(...)``.
+_TILING: dict[str, int | None] = {"block_size": None, "n_splits": None}
+
+
+def set_tiling(block_size: int | None = None, n_splits: int | None = None) -> dict:
+    """Force ``block_size`` and ``n_splits`` on every later launch (None: the heuristic);
+    returns the previous setting.  Not an option of the loss: a knob for tests."""
+    previous = dict(_TILING)
+    _TILING.update(block_size=block_size, n_splits=n_splits)
+    return previous
+
+
+@contextlib.contextmanager
+def tiling(block_size: int | None = None, n_splits: int | None = None):
+    """``set_tiling`` for the launches inside the ``with`` block."""
+    previous = set_tiling(block_size, n_splits)
+    try:
+        yield
+    finally:
+        _TILING.update(previous)
+
+
 def _config(logits: torch.Tensor, spec: LossSpec, n_splits: int | None = None) -> LaunchConfig:
-    n_rows, n_cols = logits.shape
-    return launch_config(n_rows, n_cols, logits.device, block_size=spec.block_size,
-                         n_splits=n_splits if n_splits is not None else spec.n_splits,
+    n_rows, n_cols = rows_of("logits", logits)[:2]
+    return launch_config(n_rows, n_cols, logits.device, block_size=_TILING["block_size"],
+                         n_splits=n_splits if n_splits is not None else _TILING["n_splits"],
                          batch_invariant=spec.batch_invariant)
 
 
@@ -136,18 +175,19 @@ def ce_row_stats(
     """Partial statistics of each row's (transformed) logits: one pass that reads them once.
 
     Args:
-        logits: (N, C) float32/bfloat16/float16, unit column stride (any row stride).
+        logits: (N, C) float32/bfloat16/float16, unit column stride (any row stride), or
+            (G, T, C) groups of rows (any group and row strides, see ``Rows``).
         target: (N,) int64 class ids; ignored rows read nothing and give (min, 0, 0).
         weight: (C,) float32 class weights of these columns, or None.
-        spec: the options (``block_size``/``n_splits`` override the tiling).
+        spec: the options (``set_tiling`` forces the tiling).
         n_splits: overrides ``spec.n_splits`` (1 gives one partial per row).
 
     Returns:
         ``RowStats`` with one partial per vocabulary chunk; argmax columns local to ``logits``.
     """
-    n_rows, n_cols = logits.shape
+    layout = rows_of("logits", logits)
+    n_rows, n_cols = layout.n_rows, layout.n_cols
     device = logits.device
-    _check_rows("logits", logits)
     target, weight = _dense(target), _dense(weight)
     cfg = _config(logits, spec, n_splits)
     partials = torch.empty(4, n_rows, cfg.n_splits, dtype=torch.float32, device=device)
@@ -160,8 +200,10 @@ def ce_row_stats(
             weight_ptr=weight if weight is not None else partials,
             partial_ptr=partials,
             partial_idx_ptr=argmax if spec.return_stats else partials,
-            stride_logits_row=logits.stride(0),
+            stride_logits_row=layout.stride_row,
+            stride_logits_group=layout.stride_group,
             n_rows=n_rows,
+            rows_per_group=layout.per_group,
             n_cols=n_cols,
             cols_per_split=cfg.cols_per_split,
             n_splits=cfg.n_splits,
@@ -202,7 +244,8 @@ def ce_fwd(
     (Long because the launch names every kernel argument, one per line.)
 
     Args:
-        logits: (N, C) float32/bfloat16/float16, unit column stride (any row stride).
+        logits: (N, C) float32/bfloat16/float16, unit column stride (any row stride), or
+            (G, T, C) groups of rows (any group and row strides, see ``Rows``).
         target: (N,) int64 class indices; may hold ``spec.ignore_index`` or, for broken input,
             values outside [0, C), which give NaN for that row and are never used as addresses.
         weight: (C,) float32 class weights (of these columns), or None.
@@ -210,7 +253,7 @@ def ce_fwd(
         scale: (1,) float32 factor the gradient is multiplied by (the reduction's
             1/denominator), or (N,) float32 factors, one per row; needed only with ``grad``.
         spec: the options.
-        grad: (N, C) tensor of the logits' dtype with unit column stride to write the scaled
+        grad: a tensor of the logits' shape and dtype with unit column stride to write the scaled
             gradient into (it may be ``logits`` itself), or None for the loss only, which reads
             the logits once and writes nothing logits-sized.
         row_stats: the rows' statistics, already known (merged in order, in the launch that
@@ -225,16 +268,18 @@ def ce_fwd(
     Returns:
         ``RowResults`` in float32.
     """
-    n_rows, n_cols = logits.shape
+    layout = rows_of("logits", logits)
+    n_rows, n_cols = layout.n_rows, layout.n_cols
+    grad_layout = rows_of("grad", grad) if grad is not None else layout
+    if grad is not None and grad.shape != logits.shape:
+        raise ValueError(f"grad's shape {tuple(grad.shape)} differs from the logits' "
+                         f"{tuple(logits.shape)}")
     device = logits.device
     if vocab is not None and row_stats is None:
         raise ValueError("vocabulary-parallel ce_fwd needs the merged row_stats")
     out = _empty_results(n_rows, spec, device)
     if n_rows == 0:
         return out
-    _check_rows("logits", logits)
-    if grad is not None:
-        _check_rows("grad", grad)
     target, weight, weight_sum, scale = (_dense(t) for t in (target, weight, weight_sum, scale))
     if row_stats is not None:
         row_stats = RowStats(_dense(row_stats.partials), _dense(row_stats.argmax))
@@ -273,10 +318,13 @@ def ce_fwd(
         lse_grad_ptr=stat_grads[0] if stat_grads is not None else dummy,
         entropy_grad_ptr=stat_grads[1] if stat_grads is not None else dummy,
         grad_ptr=grad if compute_grad else logits,
-        stride_logits_row=logits.stride(0),
-        stride_grad_row=grad.stride(0) if compute_grad else 0,
+        stride_logits_row=layout.stride_row,
+        stride_grad_row=grad_layout.stride_row,
+        stride_logits_group=layout.stride_group,
+        stride_grad_group=grad_layout.stride_group,
         stride_scale=1 if compute_grad and scale.numel() > 1 else 0,
         n_rows=n_rows,
+        rows_per_group=layout.per_group,
         n_cols=n_cols,
         n_classes=vocab.n_classes if vocab is not None else n_cols,
         vocab_start=vocab.start if vocab is not None else 0,
@@ -304,14 +352,14 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
     """Multiply the stored gradient by ``grad_output`` in place, without a host synchronisation.
 
     Args:
-        grad: (N, C) gradient written by ``ce_fwd``, unit column stride.
+        grad: (N, C) or (G, T, C) gradient written by ``ce_fwd``, unit column stride.
         grad_output: a scalar (mean/sum reductions) or (N,) per-row factors, any float dtype, on
             the same device.  Rows whose factor is exactly 1 are left untouched, so the common
             ``grad_output == 1`` costs one launch of at most four programs per SM, each reading
             one scalar per row it owns, and no traffic of the gradient.
     """
-    _check_rows("grad", grad)
-    n_rows, n_cols = grad.shape
+    layout = rows_of("grad", grad)
+    n_rows, n_cols = layout.n_rows, layout.n_cols
     if n_rows == 0 or n_cols == 0:
         return
     if block_size is None:
@@ -322,9 +370,11 @@ def ce_bwd(grad: torch.Tensor, grad_output: torch.Tensor, *, block_size: int | N
     ce_bwd_kernel[(n_programs,)](
         grad_ptr=grad,
         grad_output_ptr=factor,
-        stride_grad_row=grad.stride(0),
+        stride_grad_row=layout.stride_row,
+        stride_grad_group=layout.stride_group,
         stride_grad_output=stride,
         n_rows=n_rows,
+        rows_per_group=layout.per_group,
         n_cols=n_cols,
         BLOCK_SIZE=block_size,
         num_warps=min(8, max(1, block_size // 512)),
@@ -378,5 +428,6 @@ def ce_reduce(rows: torch.Tensor, scale: torch.Tensor | None, out_dtype: torch.d
     return out
 
 
-__all__ = ["INTERPRETED", "LaunchConfig", "ce_bwd", "ce_fwd", "ce_reduce", "ce_row_stats",
-           "ce_scale", "launch_config"]
+__all__ = ["INTERPRETED", "LaunchConfig", "Rows", "ce_bwd", "ce_fwd", "ce_reduce", "ce_row_stats",
+           "ce_scale", "launch_config", "rows_of", "set_tiling",
+           "tiling"]

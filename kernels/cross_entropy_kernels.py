@@ -60,6 +60,14 @@ _TWO_LOG2E = tl.constexpr(2.8853900817779268)
 
 
 @triton.jit
+def _row_offset(row, rows_per_group, stride_group, stride_row):
+    """Element offset of row ``row`` (int64) of logits laid out as groups of ``rows_per_group``
+    rows, (G, T, C) with strides (stride_group, stride_row, 1): ``logits[:, :-1]`` or transposed
+    (..., T, C) logits are read where they are.  An (N, C) tensor is one group."""
+    return (row // rows_per_group) * stride_group + (row % rows_per_group) * stride_row
+
+
+@triton.jit
 def _tanh(u):
     # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf/inf for large |u|.
     return 1.0 - 2.0 / (tl.math.exp2(u * _TWO_LOG2E) + 1.0)
@@ -336,7 +344,9 @@ def ce_stats_kernel(
     partial_ptr,
     partial_idx_ptr,
     stride_logits_row,
+    stride_logits_group,
     n_rows,
+    rows_per_group,
     n_cols,
     cols_per_split,
     n_splits,
@@ -363,7 +373,8 @@ def ce_stats_kernel(
             exp(z - m_k) * (z - m_k) (0 without HAS_ENTROPY).
         partial_idx_ptr: (n_rows, n_splits) int32 out: the chunk's first argmax (column of these
             logits), written when RETURN_STATS.
-        stride_logits_row: elements between rows.
+        stride_logits_row: elements between rows; stride_logits_group, rows_per_group: rows
+            come in groups of rows_per_group, stride_logits_group elements apart (``_row_offset``).
         cols_per_split: columns per chunk, a multiple of BLOCK_SIZE.
         ignore_index: target value of rows that read nothing; they give (min, 0, 0).
         logit_scale, softcap: the transform (see the module docstring); flags say which apply.
@@ -374,7 +385,8 @@ def ce_stats_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)  # columns are int32 offsets from the row's 64-bit start
-    row_ptr = logits_ptr + row * stride_logits_row
+    row_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_logits_group,
+                                       stride_logits_row)
     ignored = tl.load(target_ptr + row).to(tl.int64) == ignore_index
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
@@ -425,8 +437,11 @@ def ce_fwd_kernel(
     grad_ptr,
     stride_logits_row,
     stride_grad_row,
+    stride_logits_group,
+    stride_grad_group,
     stride_scale,
     n_rows,
+    rows_per_group,
     n_cols,
     n_classes,
     vocab_start,
@@ -481,6 +496,8 @@ def ce_fwd_kernel(
             entropy, added to the gradient when HAS_STAT_GRADS (MERGE with HAS_ENTROPY).
         grad_ptr: (n_rows, n_cols) out, the logits' dtype, unit column stride, may alias
             logits_ptr (each element is read before the same program writes it); COMPUTE_GRAD.
+        stride_logits_group, stride_grad_group, rows_per_group: rows come in groups of
+            rows_per_group (``_row_offset``), for the logits and the gradient alike.
         stride_scale: 0 for one scale, 1 for one per row.
         n_cols: columns held here; n_classes: classes in all (n_cols unless VOCAB_PARALLEL);
             vocab_start: global id of column 0.
@@ -493,7 +510,8 @@ def ce_fwd_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)  # columns are int32 offsets from the row's 64-bit start
-    row_ptr = logits_ptr + row * stride_logits_row
+    row_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_logits_group,
+                                       stride_logits_row)
     target = tl.load(target_ptr + row).to(tl.int64)
     ignored = target == ignore_index
     valid = (target >= 0) & (target < n_classes)
@@ -571,7 +589,8 @@ def ce_fwd_kernel(
         if HAS_STAT_GRADS:
             a += tl.load(lse_grad_ptr + row)
             beta = -tl.load(entropy_grad_ptr + row)
-        grad_row_ptr = grad_ptr + row * stride_grad_row
+        grad_row_ptr = grad_ptr + _row_offset(row, rows_per_group, stride_grad_group,
+                                              stride_grad_row)
         if ignored:
             _zero_chunk(grad_row_ptr, col_start, col_end, BLOCK_SIZE=BLOCK_SIZE)
         else:
@@ -604,8 +623,10 @@ def ce_bwd_kernel(
     grad_ptr,
     grad_output_ptr,
     stride_grad_row,
+    stride_grad_group,
     stride_grad_output,
     n_rows,
+    rows_per_group,
     n_cols,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -615,13 +636,15 @@ def ce_bwd_kernel(
     Args:
         grad_ptr: (n_rows, n_cols) gradient of the logits, unit column stride, scaled in place.
         grad_output_ptr: fp32 scalar (stride_grad_output 0) or one factor per row.
+        stride_grad_group, rows_per_group: rows in groups (``_row_offset``).
         BLOCK_SIZE: columns per load.
     """
     first_row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets
     for row in range(first_row, n_rows, tl.num_programs(0)):
         factor = tl.load(grad_output_ptr + row * stride_grad_output).to(tl.float32)
         if factor != 1.0:
-            row_ptr = grad_ptr + row * stride_grad_row
+            row_ptr = grad_ptr + _row_offset(row, rows_per_group, stride_grad_group,
+                                             stride_grad_row)
             for start in range(0, n_cols, BLOCK_SIZE):
                 offs = start + tl.arange(0, BLOCK_SIZE)
                 mask = offs < n_cols

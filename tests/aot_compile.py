@@ -30,8 +30,10 @@ def _fwd_signature(dtype: str) -> dict[str, str]:
         "entropy_ptr": "*fp32", "argmax_ptr": "*i64", "stats_ptr": "*fp32",
         "lse_grad_ptr": "*fp32", "entropy_grad_ptr": "*fp32", "grad_ptr": dtype,
     }
-    ints = {name: "i64" for name in ("stride_logits_row", "stride_grad_row")}
-    ints.update({name: "i32" for name in ("stride_scale", "n_rows", "n_cols", "n_classes",
+    ints = {name: "i64" for name in ("stride_logits_row", "stride_grad_row",
+                                     "stride_logits_group", "stride_grad_group")}
+    ints.update({name: "i32" for name in ("stride_scale", "n_rows", "rows_per_group", "n_cols",
+                                          "n_classes",
                                           "vocab_start", "cols_per_split", "n_partials",
                                           "ignore_index")})
     floats = {name: "fp32" for name in ("label_smoothing", "logit_scale", "softcap",
@@ -66,16 +68,18 @@ def main() -> int:
             variants += 1
         stats_sig = {"logits_ptr": dtype, "target_ptr": "*i64", "weight_ptr": "*fp32",
                      "partial_ptr": "*fp32", "partial_idx_ptr": "*i32",
-                     "stride_logits_row": "i64", "n_rows": "i32", "n_cols": "i32",
+                     "stride_logits_row": "i64", "stride_logits_group": "i64",
+                     "n_rows": "i32", "rows_per_group": "i32", "n_cols": "i32",
                      "cols_per_split": "i32", "n_splits": "i32", "ignore_index": "i32",
                      "logit_scale": "fp32", "softcap": "fp32"}
         for on in (False, True):
             _compile(ce.ce_stats_kernel, stats_sig,
                      dict(dict.fromkeys(FLAGS, on), BLOCK_SIZE=2048))
             variants += 1
-        _compile(ce.ce_bwd_kernel, {"grad_ptr": dtype, "grad_output_ptr": "*fp32",
-                                     "stride_grad_row": "i64", "stride_grad_output": "i32",
-                                     "n_rows": "i32", "n_cols": "i32"}, {"BLOCK_SIZE": 4096})
+        bwd_sig = {"grad_ptr": dtype, "grad_output_ptr": "*fp32", "stride_grad_row": "i64",
+                   "stride_grad_group": "i64", "stride_grad_output": "i32", "n_rows": "i32",
+                   "rows_per_group": "i32", "n_cols": "i32"}
+        _compile(ce.ce_bwd_kernel, bwd_sig, {"BLOCK_SIZE": 4096})
         variants += 1
         print(f"{dtype[1:]}: compiled", flush=True)
     print(f"{variants} kernel variants compiled for sm_90")

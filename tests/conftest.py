@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,15 @@ def impl(request) -> str:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _heuristic_tiling():
+    """A test that forces the kernels' tiling (``helpers.set_tiling``) forces it for itself."""
+    yield
+    kernels = sys.modules.get("fusedce.kernels")
+    if kernels is not None and hasattr(kernels, "set_tiling"):
+        kernels.set_tiling(None, None)
 
 
 @pytest.fixture

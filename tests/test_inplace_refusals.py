@@ -1,6 +1,7 @@
-"""In-place paths that span several calls (multi-token depths, sequences read one by one) check
-every input before the first write: a refused call leaves every byte of the caller's storage as
-it was, and an accepted one gives PyTorch's answer."""
+"""In-place paths that span several tensors (multi-token depths, groups of rows read where they
+are) check every input before the first write: a refused call leaves every byte of the caller's
+storage as it was, and an accepted one gives PyTorch's answer and writes only the caller's
+elements."""
 
 from __future__ import annotations
 
@@ -46,23 +47,36 @@ def test_expanded_logits_in_place_refused_out_of_place_right(impl):
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_sequence_by_sequence_in_place_refused_before_writing(impl, layout, reduction):
-    """``logits[:, :-1]`` (no common row spacing when in place) and transposed logits with
-    batch > 1: refused with a clear error; the logits are untouched and a later out-of-place
-    call on them is right."""
+def test_groups_of_rows_in_place_are_right_and_stay_inside(impl, layout, reduction):
+    """``logits[:, :-1]`` and transposed logits with batch > 1 are read as groups of rows
+    where they are; in place, the gradient is PyTorch's and every element of the storage
+    outside the caller's view is unchanged."""
     labels = _labels()
     base = torch.randn(9, 2, V) if layout == "transposed" else torch.randn(2, 9, V)
-    full = base.clone().requires_grad_() * 1
-    x = full.transpose(0, 1)[:, :8] if layout == "transposed" else full[:, :8]
-    _refused(lambda: fusedce.shifted_cross_entropy(x, labels, 1, inplace_backward=True,
-                                                   reduction=reduction, impl=impl),
-             full, match="rows of one view")
-    loss = fusedce.shifted_cross_entropy(x, labels, 1, reduction=reduction, impl=impl)
-    ref = F.cross_entropy(x.detach().double()[:, :-1].reshape(-1, V),
-                          labels[:, 1:].reshape(-1), reduction=reduction)
-    if reduction == "none":
-        loss = loss[:, :-1].reshape(-1)  # the last position has no target: 0
-    assert rel_err(loss, ref) < 2e-5
+    results = []
+    go = torch.randn(2, 8) if reduction == "none" else torch.tensor(0.7)
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_()
+        full = leaf * 1
+        x = full.transpose(0, 1)[:, :8] if layout == "transposed" else full[:, :8]
+        outside = torch.ones_like(base, dtype=torch.bool)
+        (outside.transpose(0, 1) if layout == "transposed" else outside)[:, :8] = False
+        before = full.detach()[outside].clone()
+        loss = fusedce.shifted_cross_entropy(x, labels, 1, inplace_backward=inplace,
+                                             reduction=reduction, impl=impl)
+        loss.backward(go)
+        assert torch.equal(full.detach()[outside], before)
+        results.append((loss.detach(), leaf.grad))
+    xr = (base.transpose(0, 1) if layout == "transposed" else base)[:, :8].double()
+    xr.requires_grad_()
+    ref = F.cross_entropy(xr[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                          reduction=reduction)
+    ref.backward(go[:, :-1].reshape(-1).double() if reduction == "none" else go.double())
+    want = torch.zeros_like(base, dtype=torch.float64)
+    (want.transpose(0, 1) if layout == "transposed" else want)[:, :8] += xr.grad
+    for loss, grad in results:
+        got = loss[:, :-1].reshape(-1) if reduction == "none" else loss
+        assert rel_err(got, ref) < 2e-5 and rel_err(grad, want) < 2e-5
 
 
 @pytest.mark.parametrize("case", ["short_depth", "zero_items", "float64_triton",
@@ -101,8 +115,8 @@ def test_multi_token_in_place_accepted_is_right():
     assert rel_err(loss, ref) < 2e-5
 
 
-def test_sequence_by_sequence_float64_mean_is_exact():
-    """Transposed float64 logits (read sequence by sequence): the mean keeps float64."""
+def test_groups_of_rows_float64_mean_is_exact():
+    """Transposed float64 logits (groups of rows): the mean keeps float64."""
     b = torch.randn(8, 3, V, dtype=torch.float64)
     labels = _labels(3, 8)
     for reduction in ("mean", "sum"):

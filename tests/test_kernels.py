@@ -7,6 +7,7 @@ import torch
 
 from fusedce import LossSpec
 from fusedce.kernels import ce_bwd, ce_fwd, launch_config
+from fusedce.kernels import tiling as kernel_tiling
 from fusedce.testing import make_logits, make_targets, reference_cross_entropy, rel_err
 
 
@@ -36,8 +37,9 @@ def _run(logits, target, weight=None, smoothing=0.0, **tiling):
     grad = torch.full_like(logits, float("nan"))
     scale = torch.ones(1, device=logits.device)
     weight_sum = weight.sum().reshape(1) if weight is not None else None
-    spec = LossSpec(label_smoothing=smoothing, impl="triton", **tiling)
-    loss, lse, *_ = ce_fwd(logits, target, weight, weight_sum, scale, spec, grad)
+    spec = LossSpec(label_smoothing=smoothing, impl="triton")
+    with kernel_tiling(**tiling):
+        loss, lse, *_ = ce_fwd(logits, target, weight, weight_sum, scale, spec, grad)
     return loss, lse, grad
 
 

@@ -17,6 +17,7 @@ from fusedce.testing import (
     reference_objective,
     rel_err,
 )
+from helpers import set_tiling
 
 TOL = 2e-5
 
@@ -28,7 +29,9 @@ def _apply(logits, target, impl, weight=None, token_weight=None, num_items=None,
     keywords = dict(ignore_index=-100, reduction="mean", label_smoothing=0.0, logit_scale=1.0,
                     softcap=None, lse_square_scale=0.0, return_stats=True, out_dtype=None)
     keywords.update(options)
-    spec = checks.make_spec(keywords, impl).replace(block_size=block_size, n_splits=n_splits)
+    spec = checks.make_spec(keywords, impl)
+    if impl == "triton":
+        set_tiling(block_size, n_splits)
     if weight is not None:
         weight = weight.float().contiguous()
     if token_weight is not None:

@@ -233,9 +233,10 @@ def test_shifted_errors(case):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_other_layouts_are_read_sequence_by_sequence(impl, device, reduction):
+def test_other_layouts_are_read_as_groups_of_rows(impl, device, reduction):
     """Logits whose sequences are not rows of one view (a transposed (T, B, V) tensor seen as
-    (B, T, V)) give the same answers, statistics included."""
+    (B, T, V)) are read in place as groups of rows, and give the same answers, statistics
+    included."""
     labels, extra, vocab = _case("pad_right")
     base = make_logits(labels.numel(), vocab).reshape(labels.shape[1], labels.shape[0], vocab)
     x = base.to(device).requires_grad_()
@@ -259,3 +260,34 @@ def test_other_layouts_are_read_sequence_by_sequence(impl, device, reduction):
     assert rel_err(stats.entropy.reshape(-1), ref["entropy"]) < TOL
     assert rel_err(stats.z_loss.reshape(-1) if reduction == "none" else stats.z_loss,
                    ref["z_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("tiling", ["multi_block", "split"])
+def test_kernels_read_groups_of_rows(device, tiling):
+    """The kernels' group addressing (``fusedce.kernels.Rows``) on the multi-block and
+    split-vocabulary paths: a (G, T, V) view of sliced logits, in place and not, against the
+    contiguous rows."""
+    from fusedce import CrossEntropyFunction, LossSpec
+
+    g_n, t_n, vocab = 3, 5, 300
+    base = make_logits(g_n * (t_n + 2), vocab).reshape(g_n, t_n + 2, vocab).to(device)
+    target = torch.randint(0, vocab, (g_n * t_n,), device=device)
+    target[3] = IGNORE
+    from helpers import set_tiling
+
+    set_tiling(64, 3 if tiling == "split" else 1)
+    spec = LossSpec(impl="triton", reduction="none", label_smoothing=0.1, return_stats=True)
+    ref = reference_extras(base[:, 1:-1].reshape(-1, vocab), target, reduction="none",
+                           label_smoothing=0.1, grad_output=torch.ones(g_n * t_n))
+    for inplace in (False, True):
+        full = base.clone().requires_grad_()
+        x = full * 1
+        view = x[:, 1:-1]  # (G, T, V) with a group stride of (T + 2) * V
+        outside = x.detach()[:, [0, -1]].clone()
+        loss, lse, *_ = CrossEntropyFunction.apply(view, target, None, None,
+                                                   spec.replace(inplace_backward=inplace))
+        loss.sum().backward()
+        assert rel_err(loss, ref["loss"]) < TOL and rel_err(lse, ref["lse"]) < TOL
+        assert rel_err(full.grad[:, 1:-1].reshape(-1, vocab), ref["grad"]) < TOL
+        assert torch.all(full.grad[:, [0, -1]] == 0)
+        assert torch.equal(x.detach()[:, [0, -1]], outside)
