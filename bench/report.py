@@ -104,6 +104,9 @@ def write_plots(folder: Path, results: list[Result]) -> list[Path]:
     for r in results:
         if r.status == "ok" and r.hidden is None:
             groups[(r.dtype, r.tokens)].append(r)
+    # One colour per contender in every panel of every plot of the run.
+    names = sorted({r.contender for rows in groups.values() for r in rows})
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
     written = []
     for (dtype, tokens), rows in sorted(groups.items()):
         modes = [m for m in MODES if any(r.mode == m for r in rows)]
@@ -116,10 +119,11 @@ def write_plots(folder: Path, results: list[Result]) -> list[Path]:
             for name, points in sorted(by_contender.items()):
                 points.sort(key=lambda r: r.vocab)
                 vocab = [r.vocab for r in points]
-                axes[i][0].plot(vocab, [r.ms for r in points], marker="o", label=name)
+                axes[i][0].plot(vocab, [r.ms for r in points], marker="o", label=name,
+                                color=colors[name])
                 if all(r.peak_extra_mib is not None for r in points):
                     axes[i][1].plot(vocab, [r.peak_extra_mib for r in points], marker="o",
-                                    label=name)
+                                    label=name, color=colors[name])
             axes[i][0].set_title(f"{mode}: time")
             axes[i][0].set_ylabel("ms (median)")
             axes[i][1].set_title(f"{mode}: peak memory above inputs")

@@ -119,6 +119,26 @@ def _logit_options(config: Any) -> dict[str, Any]:
     return options
 
 
+def fused_head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor | None,
+                    shift_labels: Tensor | None, config: Any, *,
+                    position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                    **kwargs: Any):
+    """The loss of a causal LM's head from its last hidden states, shared by the fused heads of
+    every integration (transformers' ``apply(model, fused_linear=True)``, TRL's
+    ``add_fused_lm_head``): next-token targets from ``labels`` (or ``shift_labels``, already
+    aligned), packed documents from ``position_ids`` without an attention mask, the model's own
+    logit transforms from its config, and ``kwargs`` (``reduction``, ``temperature``,
+    statistics, ...) for ``fusedce.shifted_linear_cross_entropy``."""
+    from ..shifted import shifted_linear_cross_entropy
+
+    aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+    aligned = aligned.to(weight.device)
+    hidden = hidden.to(weight.device).reshape(*aligned.shape, hidden.shape[-1])
+    positions = packed_positions(position_ids, attention_mask, aligned)
+    return shifted_linear_cross_entropy(hidden, weight, aligned, shift, position_ids=positions,
+                                        linear_bias=bias, **_logit_options(config), **kwargs)
+
+
 def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                    logits_to_keep=0, shift_labels=None, **kwargs):
@@ -131,21 +151,13 @@ def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..shifted import shifted_linear_cross_entropy
-
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-    hidden = outputs.last_hidden_state
-    aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
-    aligned = aligned.to(hidden.device)
-    head = self.lm_head
-    loss = shifted_linear_cross_entropy(
-        hidden.reshape(*aligned.shape, hidden.shape[-1]), head.weight, aligned, shift,
-        position_ids=packed_positions(position_ids, attention_mask, aligned),
-        linear_bias=head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
-        **_logit_options(self.config),
-    ).float()
+    loss = fused_head_loss(outputs.last_hidden_state, self.lm_head.weight, self.lm_head.bias,
+                           labels, shift_labels, self.config, position_ids=position_ids,
+                           attention_mask=attention_mask,
+                           num_items_in_batch=kwargs.get("num_items_in_batch")).float()
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)

@@ -30,8 +30,8 @@ from torch import Tensor
 
 import fusedce
 
-from ..shifted import shifted_linear_cross_entropy, shifted_targets
-from .transformers import _logit_options, packed_positions
+from ..shifted import shifted_targets
+from .transformers import fused_head_loss, packed_positions
 
 _SUPPORTED_OUTPUTS = ("log_probs", "entropy", "is_top1")
 _TRAINER_MODULES = ("sft_trainer", "grpo_trainer", "rloo_trainer", "kto_trainer", "dpo_trainer")
@@ -54,7 +54,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         raise ValueError(f"fusedce's fused LM head computes {_SUPPORTED_OUTPUTS}, not "
                          f"{unsupported}; use TRL's add_fused_lm_head for those")
     original_forward = model.forward
-    options = _logit_options(model.config.get_text_config())
+    config = model.config.get_text_config()
     with_stats = "entropy" in outputs or "is_top1" in outputs
 
     @functools.wraps(type(model).forward)
@@ -69,20 +69,20 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         head = self.get_output_embeddings()
-        aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
-        aligned = aligned.to(head.weight.device)
-        hidden = hidden.to(head.weight.device)
+        weight, bias = head.weight, head.bias
         if cast_lm_head_to_fp32:
-            hidden = hidden.float()
-        weight = head.weight.float() if cast_lm_head_to_fp32 else head.weight
-        bias = head.bias.float() if cast_lm_head_to_fp32 and head.bias is not None else head.bias
+            hidden, weight = hidden.float(), weight.float()
+            bias = bias.float() if bias is not None else None
+        out = fused_head_loss(
+            hidden, weight, bias, labels, shift_labels, config,
+            position_ids=kwargs.get("position_ids"), attention_mask=kwargs.get("attention_mask"),
+            reduction="none", temperature=temperature, return_stats=with_stats,
+            differentiable_stats="entropy" in outputs, out_dtype=torch.float32)
+        nll, stats = out if with_stats else (out, None)
+        aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+        aligned = aligned.to(weight.device)
         positions = packed_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"),
                                      aligned)
-        out = shifted_linear_cross_entropy(
-            hidden, weight, aligned, shift, position_ids=positions, linear_bias=bias,
-            reduction="none", temperature=temperature, return_stats=with_stats,
-            differentiable_stats="entropy" in outputs, out_dtype=torch.float32, **options)
-        nll, stats = out if with_stats else (out, None)
         mask = shifted_targets(aligned, shift, position_ids=positions) != -100
         keep = slice(None, -1) if shift else slice(None)  # (batch, seq_len - 1) when shifting
         log_probs = (0.0 - nll)[:, keep]
