@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, linear
-from .passes import forward_pass, n_rows, scale_grad_
-from .recipe import LossTensors, run_loss
+from .passes import LossTensors, forward_pass, n_rows, run_loss, scale_grad_
 from .spec import LossSpec, RowResults
 
 

@@ -32,8 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import torch_impl
-from .passes import row_stats, run_pass
-from .recipe import LossTensors, run_loss
+from .passes import LossTensors, row_stats, run_loss, run_pass
 from .spec import LossSpec, RowStats, VocabSlice
 
 _INT32_MAX = 2**31 - 1

@@ -76,6 +76,34 @@ def _as_rows(input: Tensor, n_classes: int) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def _class_rows(logits: Tensor) -> Tensor:
+    """(..., T, C) logits with the classes last as the rows the core reads in place: an
+    (N, C) view where the positions form one, else (G, T, C) groups of rows
+    (``logits[:, :-1]``, transposed logits; ``fusedce.kernels.Rows``); a copy only when the
+    leading dimensions cannot be merged into a view."""
+    if logits.dim() < 2:
+        return logits.reshape(-1, logits.shape[-1]) if logits.dim() == 1 else logits
+    try:
+        return logits.view(-1, logits.shape[-1])
+    except RuntimeError:
+        return logits.reshape(-1, *logits.shape[-2:])
+
+
+def prepare_classes_last(logits: Tensor, target: Tensor, weight: Tensor | None = None,
+                         **kwargs) -> Callable[[], Tensor | tuple]:
+    """A checked ``cross_entropy`` call, not yet run, on (..., C) logits with the classes last
+    (language models' (batch, tokens, vocab), in any layout, read where they are) and (...)
+    targets; its per-row outputs are flat (one per position).  ``kwargs``: the keywords of
+    ``cross_entropy``."""
+    checks.check_tensor("input", logits)
+    checks.check_tensor("target", target)
+    if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(target.shape):
+        raise ValueError(f"logits must have shape target.shape + (C,) = {tuple(target.shape)} "
+                         f"+ (C,), got {tuple(logits.shape)}")
+    return prepare_cross_entropy(ce_options(logits, target.reshape(-1), weight, **kwargs),
+                                 rows=_class_rows(logits))
+
+
 def _finish(outputs, spec: LossSpec, shape: torch.Size):
     """Reshape the Function's outputs to the target's shape; build the statistics."""
     loss, lse, z_loss, accuracy, entropy, argmax = outputs

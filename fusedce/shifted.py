@@ -28,9 +28,8 @@ from torch import Tensor
 from . import checks
 from .functional import (
     CrossEntropyStats,
-    ce_options,
     linear_options,
-    prepare_cross_entropy,
+    prepare_classes_last,
     prepare_linear_cross_entropy,
 )
 
@@ -168,16 +167,6 @@ def _depth_weights(depth_weights, n: int) -> tuple[float, ...]:
     return weights
 
 
-def _rows(logits: Tensor) -> Tensor:
-    """(..., T, V) logits as the rows the core reads in place: an (N, V) view where the
-    positions form one, else (G, T, V) groups of rows (``logits[:, :-1]``, transposed
-    logits); a copy only when the leading dimensions cannot be merged into a view."""
-    try:
-        return logits.view(-1, logits.shape[-1])
-    except RuntimeError:
-        return logits.reshape(-1, *logits.shape[-2:])
-
-
 def _prepare_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_weight):
     """Check one depth's call and return it, not yet run (a callable)."""
     if kwargs.get("token_weight") is not None:
@@ -198,8 +187,7 @@ def _prepare_depth(logits: Tensor, target: Tensor, weight, kwargs: dict, linear_
     if logits.dim() < 2 or tuple(logits.shape[:-1]) != tuple(target.shape):
         raise ValueError(f"logits must have shape labels.shape + (V,) = "
                          f"{tuple(target.shape)} + (V,), got {tuple(logits.shape)}")
-    call = prepare_cross_entropy(ce_options(logits, target.reshape(-1), weight, **kwargs),
-                                 rows=_rows(logits))
+    call = prepare_classes_last(logits, target, weight, **kwargs)
     return lambda: _per_row(call(), kwargs, back_to_labels)
 
 

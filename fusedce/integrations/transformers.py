@@ -1,9 +1,10 @@
 """Hugging Face transformers: fusedce as the loss of causal language models.
 
 ``causal_lm_loss`` has the signature of transformers' ``ForCausalLMLoss`` and its semantics
-(labels shifted left by one, ``num_items_in_batch`` for gradient accumulation), computed by
-``fusedce.shifted_cross_entropy``: the shift is an argument of the loss, so neither the labels
-nor the logits are padded, shifted or copied, ``shift_labels`` (already aligned) are honoured,
+(labels shifted left by one, ``num_items_in_batch`` for gradient accumulation), computed as
+``fusedce.shifted_cross_entropy`` does (its targets, then one pass over the logits where they
+are): the shift is an argument of the loss, so neither the labels nor the logits are padded,
+shifted or copied, ``shift_labels`` (already aligned) are honoured,
 and packed batches (``position_ids`` restarting at 0, no attention mask, as
 ``DataCollatorWithFlattening`` makes them) never score a token of the next document; and it
 never makes a float32 copy of bf16/fp16 logits (transformers' loss does, doubling the largest
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..shifted import shifted_cross_entropy
+from ..functional import prepare_classes_last
+from ..shifted import shifted_targets
 
 
 def causal_lm_loss(
@@ -71,18 +73,17 @@ def causal_lm_loss(
                if k in kwargs}
     monitor = kwargs.get("_monitor")
     cu_seqlens = kwargs.get("cu_seq_lens_q")  # padding-free flash-attention batches
-    out = shifted_cross_entropy(
-        logits, aligned, shift,
+    target = shifted_targets(
+        aligned, shift,
         position_ids=packed_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"),
                                       aligned),
         cu_seqlens=cu_seqlens if cu_seqlens is not None and aligned.dim() == 2
         and aligned.shape[0] == 1 else None,
-        ignore_index=ignore_index,
-        num_items_in_batch=num_items_in_batch,
-        out_dtype=torch.float32,
-        return_stats=monitor is not None,
-        **options,
-    )
+        ignore_index=ignore_index)
+    # The logits as they are, (batch, seq, vocab) in any layout: one pass, no copy.
+    out = prepare_classes_last(logits, target, ignore_index=ignore_index,
+                               num_items_in_batch=num_items_in_batch, out_dtype=torch.float32,
+                               return_stats=monitor is not None, **options)()
     if monitor is None:
         return out
     loss, stats = out
