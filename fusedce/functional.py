@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import autograd, checks, linear, options
+from . import autograd, checks, linear, options, torch_impl
 from .checks import resolve_impl
 from .spec import LossSpec
 
@@ -201,6 +201,8 @@ def prepare_cross_entropy(options: dict, rows: Tensor | None = None
     checks.check_token_weight(options["token_weight"], target)
     num_items = checks.check_num_items(options["num_items_in_batch"], spec.reduction,
                                        input.device)
+    if options["validate_targets"] and process_group is None:
+        torch_impl.check_targets(target.reshape(-1), n_classes, spec.ignore_index)
     logits = _as_rows(input, n_classes) if rows is None else rows
     if logits.stride(-1) != 1 and n_classes > 1:
         logits = logits.contiguous()  # the kernels read the classes with a unit stride
@@ -334,6 +336,8 @@ def prepare_linear_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
     spec = checks.make_spec(options, resolve_impl(options["impl"], input.device, input.dtype))
     checks.check_token_weight(token_weight, target)
     num_items = checks.check_num_items(options["num_items_in_batch"], reduction, input.device)
+    if options["validate_targets"]:
+        torch_impl.check_targets(target.reshape(-1), n_classes, spec.ignore_index)
     return functools.partial(_linear_cross_entropy, input, linear_weight, target, linear_bias,
                              weight, num_items, spec, chunk_size, token_weight)
 

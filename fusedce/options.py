@@ -140,6 +140,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("batch_invariant", False, "bool",
            "each row's results are bitwise independent of the other rows and their number.",
            check=_boolean("batch_invariant")),
+    Option("validate_targets", False, "bool",
+           "read the targets on the host first and raise ValueError naming the first one "
+           "outside [0, C) that is not ignore_index (a synchronisation on CUDA; without it "
+           "the kernels give such a row NaN, the PyTorch implementation raises anyway).",
+           check=_boolean("validate_targets")),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
