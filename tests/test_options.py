@@ -78,3 +78,28 @@ def test_modules_keep_and_repr_their_options():
     assert "softcap=30.0" in repr(loss) and "lse_square_scale" not in repr(loss)
     with pytest.raises(ValueError, match="temperature"):
         fusedce.CrossEntropyLoss(temperature=0.0)
+
+
+@pytest.mark.parametrize("entry", ["logits", "linear", "shifted"])
+def test_validate_targets_raises_before_the_kernels_give_nan(impl, device, entry):
+    """``validate_targets=True``: an out-of-range target is a clear error for both
+    implementations (without it the kernels give that row NaN), raised before any write."""
+    x = torch.randn(4, 7, device=device)
+    t = torch.tensor([0, 9, -100, 2], device=device)
+    kw = dict(impl=impl, validate_targets=True)
+    if entry == "logits":
+        y = x.clone().requires_grad_() * 1
+        before = y.detach().clone()
+        with pytest.raises(ValueError, match=r"target\[1\] = 9"):
+            fusedce.cross_entropy(y, t, inplace_backward=True, **kw)
+        assert torch.equal(y.detach(), before)
+    elif entry == "linear":
+        with pytest.raises(ValueError, match=r"target\[1\] = 9"):
+            fusedce.linear_cross_entropy(torch.randn(4, 3, device=device),
+                                         torch.randn(7, 3, device=device), t, **kw)
+    else:
+        with pytest.raises(ValueError, match="is outside the class range"):
+            fusedce.shifted_cross_entropy(x.reshape(1, 4, 7), torch.tensor([[0, 1, 9, 2]]),
+                                          1, **kw)
+    if impl == "triton":
+        assert torch.isnan(fusedce.cross_entropy(x, t, impl=impl, reduction="none")[1])
