@@ -29,7 +29,7 @@ from .timing import copy_bandwidth
 
 VOCABS = [32000, 50257, 128256, 151936, 262144]  # Llama-2, GPT-2, Llama-3, Qwen2.5, Gemma-3
 GPU_TOKENS = [1024, 4096, 8192, 16384, 32768]
-CPU_TOKENS = [256]
+CPU_TOKENS = [256, 2048]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 # Fused linear cross-entropy: TOKENSxHIDDENxVOCAB.
 GPU_LINEAR_SHAPES = [f"{n}x{h}x{v}" for n in (4096, 8192, 16384) for h in (2048, 4096)
@@ -209,7 +209,16 @@ def _meta(args, argv, device, bandwidth, started, skipped) -> dict:
         "memory": ("torch.cuda.max_memory_allocated above the inputs" if cuda
                    else "peak resident set (VmHWM after clear_refs) above the resident set"),
         "skipped": skipped,
+        **({} if cuda else {"fusedce_cpu_compile_s": round(_cpu_compile_s(), 1)}),
     }
+
+
+def _cpu_compile_s() -> float:
+    """Seconds fusedce spent compiling its fused CPU loops in this run (once per dtype; the
+    warm-up call of each cell pays it, the timed calls do not)."""
+    from fusedce import cpu_fused
+
+    return cpu_fused.compile_seconds()
 
 
 def main(argv: list[str] | None = None) -> int:

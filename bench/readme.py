@@ -100,6 +100,15 @@ def _comm_lines(comm_rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _worst_lines(results: list[dict]) -> list[str]:
+    from bench.cells import Result
+    from bench.report import worst_ratios
+
+    fields = set(Result.__dataclass_fields__)
+    return worst_ratios([Result(**{k: v for k, v in r.items() if k in fields})
+                         for r in results])
+
+
 def _folder_lines(path: Path) -> list[str]:
     """One result folder: where and how it was measured, its tables, its files."""
     data = json.loads(path.read_text())
@@ -115,6 +124,7 @@ def _folder_lines(path: Path) -> list[str]:
         f"{meta['memory']}.",
         "",
     ]
+    lines += _worst_lines(results)
     lines += _ce_lines(results) + _linear_lines(results) + _comm_lines(data.get("comm", []))
     if meta.get("skipped"):
         lines += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())

@@ -74,6 +74,33 @@ def comm_table(comm: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def worst_ratios(results: list[Result]) -> list[str]:
+    """Per mode and dtype, fusedce's worst speed against eager ``F.cross_entropy`` (time of
+    eager / time of fusedce, over tokens and vocabularies) and against ``torch.compile``, with
+    the cell where it happens."""
+    times = {(r.mode, r.dtype, r.tokens, r.vocab, r.contender): r.ms for r in results
+             if r.status == "ok" and r.hidden is None and r.ms}
+    rows = []
+    for mode, dtype in sorted({(k[0], k[1]) for k in times}):
+        cells = [(k[2], k[3]) for k in times if k[:2] == (mode, dtype) and k[4] == "fusedce"]
+        parts = []
+        for rival in ("torch-eager", "torch-compile"):
+            ratios = [(times[(mode, dtype, t, v, rival)] / times[(mode, dtype, t, v, "fusedce")],
+                       t, v) for t, v in cells if (mode, dtype, t, v, rival) in times]
+            if ratios:
+                ratio, t, v = min(ratios)
+                parts.append(f"{ratio:.2f}x ({t} x {v})")
+            else:
+                parts.append("—")
+        if cells:
+            rows.append(f"| {mode} | {dtype} | {parts[0]} | {parts[1]} |")
+    if not rows:
+        return []
+    return ["fusedce's worst speed against each rival (its time / fusedce's; above 1 is "
+            "faster), per mode and dtype, and the cell (tokens x vocab):", "",
+            "| mode | dtype | vs eager | vs torch.compile |", "|---|---|---|---|", *rows, ""]
+
+
 def write_markdown(path: Path, meta: dict, results: list[Result], comm: list[dict]) -> None:
     lines = [f"# fusedce benchmark: {meta['device']}", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items() if key != "skipped"]
@@ -81,6 +108,7 @@ def write_markdown(path: Path, meta: dict, results: list[Result], comm: list[dic
         lines += ["- skipped contenders:"]
         lines += [f"  - {name}: {why}" for name, why in meta["skipped"].items()]
     lines += ["", "Modes: " + "; ".join(f"`{k}` {v}" for k, v in MODES.items()), ""]
+    lines += worst_ratios(results)
     lines += [markdown_table(results)]
     if comm:
         lines += ["Vocabulary-parallel communication (bf16 logits, forward + backward, measured "

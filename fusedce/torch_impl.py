@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu_fused
 from .spec import LossSpec, RowResults, RowStats, VocabSlice, accumulation_dtype
 
 # Elements per chunk: 1 Mi float32 = 4 MiB of scratch.  Smaller chunks pay Python's per-chunk
@@ -196,6 +197,13 @@ def ce_fwd(
         grad = grad.reshape(logits.shape)
     n_rows, n_cols = logits.shape
     check_targets(target, vocab.n_classes if vocab is not None else n_cols, spec.ignore_index)
+    if cpu_fused.applies(logits, weight, spec, vocab, stat_grads, grad) and (
+            row_stats is None or grad is not None):
+        # The common case as fused, compiled loops (None if they could not be compiled).
+        merged = _merge(row_stats)[:2] if row_stats is not None else None
+        out = cpu_fused.ce_fwd(logits, target, scale, spec, grad, merged, stats_out)
+        if out is not None:
+            return out
     args = (weight, weight_sum, scale, spec)
     extra = dict(row_stats=row_stats, vocab=vocab, stats_out=stats_out, stat_grads=stat_grads)
     if spec.batch_invariant and n_rows:
