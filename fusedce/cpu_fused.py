@@ -29,8 +29,9 @@ from torch import Tensor
 
 from .spec import LossSpec, RowResults
 
-# Logits elements per compiled call: 4 Mi (8 MiB of bf16), large enough that the call's own
-# overhead is small, small enough that a chunk's gradient stays in the last-level cache.
+# Logits elements per compiled call when the gradient overwrites the logits (through a
+# temporary of this size): 4 Mi (8 MiB of bf16), large enough that the call's own overhead is
+# small, small enough that the temporary stays in the last-level cache.
 CHUNK_ELEMENTS = 1 << 22
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE = {"enabled": os.environ.get("FUSEDCE_CPU_COMPILE", "1") != "0", "compile_s": 0.0}
@@ -120,15 +121,17 @@ def ce_fwd(logits: Tensor, target: Tensor, scale: Tensor | None, spec: LossSpec,
     when compilation failed (the caller then runs its eager composition).  ``merged``: known
     (m, d) of each row (a recomputing backward)."""
     n_rows, n_cols = logits.shape
-    rows = max(1, CHUNK_ELEMENTS // n_cols)
+    aliased = grad is not None and grad.untyped_storage().data_ptr() == \
+        logits.untyped_storage().data_ptr()
+    # One call for all rows (no temporary: the loops write the gradient's own rows), unless
+    # the gradient overwrites the logits, which goes through a chunk-sized temporary.
+    rows = max(1, CHUNK_ELEMENTS // n_cols) if aliased else n_rows
     ignored_all = target == spec.ignore_index
     safe_all = torch.where(ignored_all, 0, target)
     if grad is not None:
         a_all = torch.where(ignored_all, 0.0, scale.to(torch.float32).expand(n_rows))
     loss = torch.empty(n_rows, dtype=torch.float32)
     lse = torch.empty(n_rows, dtype=torch.float32)
-    aliased = grad is not None and grad.untyped_storage().data_ptr() == \
-        logits.untyped_storage().data_ptr()
     try:
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)

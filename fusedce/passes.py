@@ -43,12 +43,29 @@ def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossS
     return backends.get(spec.impl).ce_row_stats(logits, target, weight, spec)
 
 
+def _custom_op(name: str, impl, mutates_args: tuple = ()):
+    """``impl`` as the ``torch.library`` custom op ``name`` (one opaque node for
+    ``torch.compile``), and a callable that goes through the op only while ``torch.compile``
+    traces: in eager mode the dispatcher's hops around an op cost tens of microseconds per call,
+    several times per loss, and buy nothing (a mutated argument's version is bumped by hand)."""
+    op = torch.library.custom_op(name, impl, mutates_args=mutates_args)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        out = impl(*args)
+        if mutates_args:  # (each of these ops mutates its first argument)
+            torch.autograd.graph.increment_version(args[0])
+        return out
+
+    return op, call
+
+
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("fusedce::ce_forward", mutates_args=())
-def _ce_forward_op(
+def _ce_forward_impl(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -87,6 +104,9 @@ def _fake_rows(logits: Tensor, spec: LossSpec) -> list[Tensor]:
             logits.new_empty(n_stats, dtype=torch.int64)]
 
 
+_ce_forward_op, _ce_forward = _custom_op("fusedce::ce_forward", _ce_forward_impl, ())
+
+
 @_ce_forward_op.register_fake
 def _(logits, target, weight, scale, stats_in, lse_grad, entropy_grad, spec, compute_grad,
       store_stats):
@@ -97,8 +117,7 @@ def _(logits, target, weight, scale, stats_in, lse_grad, entropy_grad, spec, com
     return (*rows, stats, logits.new_empty(logits.shape if compute_grad else (0,)))
 
 
-@torch.library.custom_op("fusedce::ce_forward_inplace", mutates_args=("logits",))
-def _ce_forward_inplace_op(
+def _ce_forward_inplace_impl(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -116,15 +135,22 @@ def _ce_forward_inplace_op(
     return tuple(rows)
 
 
+_ce_forward_inplace_op, _ce_forward_inplace = _custom_op(
+    "fusedce::ce_forward_inplace", _ce_forward_inplace_impl, ("logits",))
+
+
 @_ce_forward_inplace_op.register_fake
 def _(logits, target, weight, scale, stats_in, lse_grad, entropy_grad, spec):
     return tuple(_fake_rows(logits, LossSpec.decode(spec)))
 
 
-@torch.library.custom_op("fusedce::ce_scale_grad_", mutates_args=("grad",))
-def _ce_scale_grad_op(grad: Tensor, grad_output: Tensor, spec: str) -> None:
+def _ce_scale_grad_impl(grad: Tensor, grad_output: Tensor, spec: str) -> None:
     """grad *= grad_output (a scalar, or one value per row), in place."""
     backends.get(LossSpec.decode(spec).impl).ce_bwd(grad, grad_output)
+
+
+_ce_scale_grad_op, _ce_scale_grad = _custom_op("fusedce::ce_scale_grad_", _ce_scale_grad_impl,
+                                               ("grad",))
 
 
 @_ce_scale_grad_op.register_fake
@@ -150,10 +176,10 @@ def forward_pass(
     fold into the gradient (with ``stats_in`` of a pass that tracked the entropy)."""
     g_lse, g_h = stat_grads if stat_grads is not None else (None, None)
     if compute_grad and spec.inplace_backward:
-        rows = RowResults(*_ce_forward_inplace_op(logits, target, weight, scale, stats_in,
+        rows = RowResults(*_ce_forward_inplace(logits, target, weight, scale, stats_in,
                                                   g_lse, g_h, spec.encode()))
         return rows, None, logits
-    *rows, stats, grad = _ce_forward_op(logits, target, weight, scale, stats_in, g_lse, g_h,
+    *rows, stats, grad = _ce_forward(logits, target, weight, scale, stats_in, g_lse, g_h,
                                         spec.encode(), compute_grad, store_stats)
     return (RowResults(*rows), stats if store_stats else None,
             grad if compute_grad else None)
@@ -161,15 +187,17 @@ def forward_pass(
 
 def scale_grad_(grad: Tensor, grad_output: Tensor, spec: LossSpec) -> None:
     """``grad *= grad_output`` in place (a scalar, or one value per row)."""
-    _ce_scale_grad_op(grad, grad_output, spec.encode())
+    _ce_scale_grad(grad, grad_output, spec.encode())
 
 
-@torch.library.custom_op("fusedce::ce_scale", mutates_args=())
-def _ce_scale_op(target: Tensor, weight: Tensor | None, token_weight: Tensor | None,
+def _ce_scale_impl(target: Tensor, weight: Tensor | None, token_weight: Tensor | None,
                  items: Tensor | None, spec: str, n_classes: int, dtype: torch.dtype) -> Tensor:
     """The backend's reduction scale (see ``reduction_scale``)."""
     return backends.get(LossSpec.decode(spec).impl).ce_scale(
         target, weight, token_weight, items, LossSpec.decode(spec), n_classes, dtype)
+
+
+_ce_scale_op, _ce_scale = _custom_op("fusedce::ce_scale", _ce_scale_impl, ())
 
 
 @_ce_scale_op.register_fake
@@ -177,13 +205,15 @@ def _(target, weight, token_weight, items, spec, n_classes, dtype):
     return target.new_empty(1, dtype=dtype)
 
 
-@torch.library.custom_op("fusedce::ce_reduce", mutates_args=())
-def _ce_reduce_op(rows: Tensor, scale: Tensor | None, spec: str, out_dtype: torch.dtype
+def _ce_reduce_impl(rows: Tensor, scale: Tensor | None, spec: str, out_dtype: torch.dtype
                   ) -> Tensor:
     """The backend's reduction: sum(rows), times ``scale`` when given."""
     if rows.numel() == 0:
         return torch.zeros((), dtype=out_dtype, device=rows.device)
     return backends.get(LossSpec.decode(spec).impl).ce_reduce(rows, scale, out_dtype)
+
+
+_ce_reduce_op, _ce_reduce = _custom_op("fusedce::ce_reduce", _ce_reduce_impl, ())
 
 
 @_ce_reduce_op.register_fake
@@ -216,7 +246,7 @@ def reduction_scale(
         return torch.full((1,), 1.0 / num_items_in_batch, dtype=dtype, device=device)
     items = num_items_in_batch.to(device).reshape(1) if num_items_in_batch is not None \
         else None
-    return _ce_scale_op(target, weight, token_weight, items, spec.encode(), n_classes, dtype)
+    return _ce_scale(target, weight, token_weight, items, spec.encode(), n_classes, dtype)
 
 
 def row_scale(scale: Tensor, target: Tensor, spec: LossSpec,
@@ -254,7 +284,7 @@ def reduce_rows(
     def reduce(v: Tensor, dtype: torch.dtype) -> Tensor:
         if spec.reduction == "none":
             return v.to(dtype)
-        return _ce_reduce_op(v, scale if spec.reduction == "mean" else None, spec.encode(),
+        return _ce_reduce(v, scale if spec.reduction == "mean" else None, spec.encode(),
                              dtype)
 
     loss = reduce(rows.loss, out_dtype)

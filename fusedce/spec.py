@@ -62,6 +62,21 @@ class LossSpec:
     inplace_backward: bool = False
     out_dtype: torch.dtype | None = None
     backward: Backward = "auto"
+    # Deprecated: the kernels' tiling is not an option of the loss (``fusedce.kernels.tiling``).
+    block_size: dataclasses.InitVar[int | None] = None
+    n_splits: dataclasses.InitVar[int | None] = None
+
+    def __post_init__(self, block_size: int | None, n_splits: int | None) -> None:
+        if block_size is not None or n_splits is not None:
+            import warnings
+
+            warnings.warn("LossSpec(block_size=..., n_splits=...) is deprecated: the tiling "
+                          "is not an option of the loss; use fusedce.kernels.tiling(...) (it "
+                          "is forced now for every later launch)", DeprecationWarning,
+                          stacklevel=3)
+            from .kernels import set_tiling
+
+            set_tiling(block_size, n_splits)
 
     # Flags derived from the options: one name each, used by every layer.
     @property
@@ -116,9 +131,11 @@ class LossSpec:
 
     def encode(self) -> str:
         """The spec as one string: the custom ops' single options argument.  Plain string
-        operations on constants, so ``torch.compile`` folds it while tracing."""
-        return ";".join(_DTYPE_NAMES[v] if isinstance(v, torch.dtype) else str(v)
-                        for v in (getattr(self, name) for name in FIELD_NAMES))
+        operations on constants, so ``torch.compile`` folds it while tracing (eager calls
+        reuse the string of an equal spec)."""
+        if torch.compiler.is_compiling():
+            return _encode(self)
+        return _encode_cached(self)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
@@ -148,6 +165,14 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
 
 _FIELDS = dataclasses.fields(LossSpec)
 FIELD_NAMES = tuple(f.name for f in _FIELDS)  # (constants: torch.compile folds encode())
+
+
+def _encode(spec: LossSpec) -> str:
+    return ";".join(_DTYPE_NAMES[v] if isinstance(v, torch.dtype) else str(v)
+                    for v in (getattr(spec, name) for name in FIELD_NAMES))
+
+
+_encode_cached = functools.lru_cache(maxsize=256)(_encode)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
