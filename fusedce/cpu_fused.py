@@ -29,9 +29,9 @@ from torch import Tensor
 
 from .spec import LossSpec, RowResults
 
-# Logits elements per compiled call when the gradient overwrites the logits (through a
-# temporary of this size): 4 Mi (8 MiB of bf16), large enough that the call's own overhead is
-# small, small enough that the temporary stays in the last-level cache.
+# Logits elements per compiled call that writes a gradient: 4 Mi (8 MiB of bf16), large enough
+# that the call's own overhead is small, small enough that the chunk-sized temporary the
+# compiled copy goes through stays in the last-level cache.
 CHUNK_ELEMENTS = 1 << 22
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE = {"enabled": os.environ.get("FUSEDCE_CPU_COMPILE", "1") != "0", "compile_s": 0.0}
@@ -123,9 +123,10 @@ def ce_fwd(logits: Tensor, target: Tensor, scale: Tensor | None, spec: LossSpec,
     n_rows, n_cols = logits.shape
     aliased = grad is not None and grad.untyped_storage().data_ptr() == \
         logits.untyped_storage().data_ptr()
-    # One call for all rows (no temporary: the loops write the gradient's own rows), unless
-    # the gradient overwrites the logits, which goes through a chunk-sized temporary.
-    rows = max(1, CHUNK_ELEMENTS // n_cols) if aliased else n_rows
+    # The loss alone: one call for all rows.  With a gradient, chunks: the compiled copy into
+    # the gradient's rows goes through a temporary of the chunk's size (functionalized), so a
+    # whole-tensor call would hold a second gradient and write it twice.
+    rows = n_rows if grad is None else max(1, CHUNK_ELEMENTS // n_cols)
     ignored_all = target == spec.ignore_index
     safe_all = torch.where(ignored_all, 0, target)
     if grad is not None:
