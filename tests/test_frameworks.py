@@ -224,6 +224,15 @@ def test_trl_sft_trainer_matches_stock(packed, tmp_path, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _tiny_llama(transformers):
+    """A one-layer Llama over a 50-token vocabulary, seeded."""
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
 def test_trl_fused_head_outputs_and_errors():
     transformers = pytest.importorskip("transformers")
     utils = pytest.importorskip("trl.trainer.utils")
@@ -231,11 +240,7 @@ def test_trl_fused_head_outputs_and_errors():
 
     from fusedce.integrations import trl as fce_trl
 
-    config = transformers.LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    theirs = transformers.LlamaForCausalLM(config)
+    theirs = _tiny_llama(transformers)
     ours = copy.deepcopy(theirs)
     outputs = ("log_probs", "entropy", "is_top1")
     utils.add_fused_lm_head(theirs, temperature=0.7, outputs=outputs)
@@ -312,11 +317,7 @@ def test_trl_policy_and_reference_share_one_head(trainer):
 
     from fusedce.integrations import trl as fce_trl
 
-    config = transformers.LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    policy = transformers.LlamaForCausalLM(config)
+    policy = _tiny_llama(transformers)
     reference = copy.deepcopy(policy)
     outputs = {"dpo_trainer": ("log_probs", "entropy", "mean_logits", "is_top1"),
                "kto_trainer": ("log_probs", "entropy", "mean_logits"),
