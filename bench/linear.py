@@ -1,10 +1,12 @@
 """Fused linear cross-entropy workloads: loss of ``x @ W.T`` from hidden states ``x`` (N, H) and
 an LM head ``W`` (C, H), forward + backward (mean, grad_output = 1).
 
-Contenders: fusedce.linear_cross_entropy; the unfused path (``x @ W.T`` then
+Contenders: fusedce.linear_cross_entropy (its default policy, and each policy forced); the
+unfused path (``x @ W.T`` then
 ``F.cross_entropy``); PyTorch's chunked ``F.linear_cross_entropy`` (with
 ``LinearCrossEntropyOptions()``, where this PyTorch has it); and, when installed, Liger-Kernel's
-fused linear cross-entropy and Apple's Cut Cross-Entropy.  Peak memory is above the inputs
+fused linear cross-entropy and Apple's Cut Cross-Entropy (its Triton kernels on CUDA; its
+``torch_compile`` path wherever it runs, the CPU included).  Peak memory is above the inputs
 (x, W, targets); the gradients of x and W, which every contender must produce, are counted.
 Errors: the loss, and the gradient of x on a sample of rows, against float64.
 """
@@ -24,8 +26,14 @@ from .cells import Result, measure
 from .contenders import Contender, _always, _cuda_only, _needs
 
 
-def _fusedce():
-    return lambda x, w, t: fusedce.linear_cross_entropy(x, w, t)
+def _fusedce(policy: str | None = None):
+    from fusedce import linear
+
+    def loss(x, w, t):
+        with linear.policy(policy):
+            return fusedce.linear_cross_entropy(x, w, t)
+
+    return lambda: loss
 
 
 def _unfused():
@@ -55,11 +63,21 @@ def _cce():
     return lambda x, w, t: linear_cross_entropy(x, w, t)
 
 
+def _cce_torch():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda x, w, t: linear_cross_entropy(x, w, t, impl="torch_compile")
+
+
 LINEAR_CONTENDERS: dict[str, Contender] = {
     c.name: c
     for c in [
-        Contender("fusedce", "fusedce.linear_cross_entropy", _fusedce, _always,
-                  package="fusedce"),
+        Contender("fusedce", "fusedce.linear_cross_entropy (its default policy)", _fusedce(),
+                  _always, package="fusedce"),
+        Contender("fusedce-rows", "fusedce.linear_cross_entropy, 'rows' policy forced",
+                  _fusedce("rows"), _always, package="fusedce"),
+        Contender("fusedce-vocab", "fusedce.linear_cross_entropy, 'vocab' policy forced",
+                  _fusedce("vocab"), _always, package="fusedce"),
         Contender("unfused", "F.cross_entropy(x @ W.T, t)", _unfused, _always, package="torch"),
         Contender("torch-chunked",
                   "F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())",
@@ -68,6 +86,11 @@ LINEAR_CONTENDERS: dict[str, Contender] = {
                   _needs("liger_kernel", _cuda_only), package="liger-kernel"),
         Contender("cut-cross-entropy", "cut_cross_entropy.linear_cross_entropy", _cce,
                   _needs("cut_cross_entropy", _cuda_only), package="cut-cross-entropy"),
+        Contender("cut-cross-entropy-torch",
+                  "cut_cross_entropy.linear_cross_entropy(impl='torch_compile'): its "
+                  "torch.compile'd path (not its Triton kernels), the one that runs on a CPU",
+                  _cce_torch, _needs("cut_cross_entropy"), package="cut-cross-entropy",
+                  compiled=True),
     ]
 }
 

@@ -14,6 +14,7 @@ from .functional import (
     cross_entropy,
     cross_entropy_dtensor,
     linear_cross_entropy,
+    linear_cross_entropy_dtensor,
     token_logprobs,
 )
 from .module import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -35,6 +36,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "cross_entropy",
     "cross_entropy_dtensor",
+    "linear_cross_entropy_dtensor",
     "linear_cross_entropy",
     "token_logprobs",
     # Next-token and multi-token losses that take the labels as they come.

@@ -179,8 +179,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             weight,              # (C,) class weights in the math dtype, contiguous, or None
             num_items_in_batch,  # int | float | Tensor | None
             spec,                # fusedce.LossSpec (inplace_backward is not used)
-            chunk_size,          # int: rows per chunk, or 0 for the default
+            chunk_size,          # int: rows per chunk or block, or 0 for the default
             token_weight,        # (N,) per-token weights in the math dtype, or None (optional)
+            chunk_bytes,         # int: the workspace bound in bytes, or 0 (optional)
+            process_group,       # vocabulary parallelism: this rank's slice of the head, or
+                                 # None (optional)
+            reduce_input,        # with process_group: sum grad_input over the group (False:
+                                 # the caller reduce-scatters it, sequence parallelism)
         )
 
     and get ``(loss, lse, z_loss, accuracy, entropy, argmax)`` as ``CrossEntropyFunction``
@@ -193,24 +198,36 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, num_items_in_batch,
-                spec, chunk_size, token_weight=None):
+                spec, chunk_size, token_weight=None, chunk_bytes=0, process_group=None,
+                reduce_input=True):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 linear_bias is not None and ctx.needs_input_grad[2])
         deferred = spec.recompute_backward and any(need)
+        n_classes, layout = linear_weight.shape[0], None
+        if process_group is not None:
+            layout = distributed.vocab_layout(process_group, linear_weight.shape[0],
+                                              input.shape[0], input.dtype, input.device,
+                                              hidden=input.shape[1])
+            n_classes = layout.n_classes
+            if weight is not None and weight.shape[0] != n_classes:
+                raise ValueError(
+                    f"weight must hold the whole vocabulary's {n_classes} class weights (the "
+                    f"ranks' slices {list(layout.sizes)} add up to that), got {weight.shape[0]}")
+        ctx.group, ctx.layout, ctx.reduce_input = process_group, layout, reduce_input
 
         def row_pass(grad_scale: Tensor):
-            *rows, gx, gw, gb = linear.linear_ce_pass(
-                input, linear_weight, linear_bias, target, weight, grad_scale, None, None,
-                spec.encode(), chunk_size, *((False,) * 3 if deferred else need))
+            *rows, gx, gw, gb = _linear_pass(
+                ctx, input, linear_weight, linear_bias, target, weight, grad_scale, None, None,
+                spec, chunk_size, chunk_bytes, *((False,) * 3 if deferred else need))
             return RowResults(*rows), (gx, gw, gb)
 
         outputs, grad_scale, grads = run_loss(
             LossTensors(target, weight, token_weight, num_items_in_batch), spec,
-            linear_weight.shape[0], input.dtype, row_pass)
+            n_classes, input.dtype, row_pass)
         ctx.mark_non_differentiable(*non_differentiable(outputs, spec))
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.deferred, ctx.need, ctx.consumed = deferred, need, False
-        ctx.spec, ctx.chunk_size = spec, chunk_size
+        ctx.spec, ctx.chunk_size, ctx.chunk_bytes = spec, chunk_size, chunk_bytes
         if deferred:
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_scale)
         else:
@@ -231,10 +248,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             x, w, b, target, weight, scale = ctx.saved_tensors
             # The per-token factors (and the statistics' gradients) go to the kernel per row.
             grads_in = stat_grads(grad_lse, grad_entropy, x.shape[0], scale, ctx.spec)
-            *_, gx, gw, gb = linear.linear_ce_pass(
-                x, w, b, target, weight, loss_factors(grad_output, scale),
+            *_, gx, gw, gb = _linear_pass(
+                ctx, x, w, b, target, weight, loss_factors(grad_output, scale),
                 *(grads_in if grads_in is not None else (None, None)),
-                ctx.spec.replace(return_stats=False).encode(), ctx.chunk_size, *ctx.need)
+                ctx.spec.replace(return_stats=False), ctx.chunk_size, ctx.chunk_bytes,
+                *ctx.need)
             grads = [g if n else None for g, n in zip((gx, gw, gb), ctx.need)]
         else:
             grads = list(ctx.saved_tensors)
@@ -244,7 +262,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 for g in grads:
                     if g is not None:
                         g.mul_(grad_output.to(g.dtype))  # small tensors: (N, H), (C, H), (C,)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+def _linear_pass(ctx, x, w, b, target, weight, scale, lse_grad, entropy_grad, spec, chunk_size,
+                 chunk_bytes, need_x, need_w, need_b):
+    """The fused linear pass: the custom op, or this rank's vocabulary slice over its group."""
+    if ctx.group is None:
+        return linear.linear_ce_pass(x, w, b, target, weight, scale, lse_grad, entropy_grad,
+                                     spec.encode(), chunk_size, chunk_bytes, need_x, need_w,
+                                     need_b)
+    return linear.vocab_parallel_linear_pass(x, w, b, target, weight, scale, lse_grad,
+                                             entropy_grad, spec, chunk_size, chunk_bytes,
+                                             need_x, need_w, need_b, ctx.group, ctx.layout,
+                                             reduce_input=ctx.reduce_input)
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
@@ -302,16 +333,20 @@ def cross_entropy_outputs(logits: Tensor, target: Tensor, weight: Tensor | None,
 
 def linear_cross_entropy_outputs(input: Tensor, linear_weight: Tensor, target: Tensor,
                                  linear_bias: Tensor | None, weight: Tensor | None,
-                                 num_items_in_batch, spec: LossSpec, chunk_size: int | None,
-                                 token_weight: Tensor | None = None) -> tuple[Tensor, ...]:
+                                 num_items_in_batch, spec: LossSpec,
+                                 chunk_size: int | tuple[int, int] | None,
+                                 token_weight: Tensor | None = None,
+                                 process_group=None,
+                                 reduce_input: bool = True) -> tuple[Tensor, ...]:
     """A fused linear loss through its Function."""
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     input, linear_weight, linear_bias = _maybe_detached(wants_grad, input, linear_weight,
                                                         linear_bias)
+    rows, size = chunk_size if isinstance(chunk_size, tuple) else (chunk_size or 0, 0)
     return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-                                            num_items_in_batch, spec, chunk_size or 0,
-                                            token_weight)
+                                            num_items_in_batch, spec, rows, token_weight, size,
+                                            process_group, reduce_input)
 
 
 __all__ = ["CrossEntropyFunction", "LinearCrossEntropyFunction",

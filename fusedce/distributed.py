@@ -53,7 +53,7 @@ _LAYOUTS: dict[tuple, VocabLayout] = {}
 
 
 def vocab_layout(group, n_local: int, n_rows: int, dtype: torch.dtype,
-                 device: torch.device) -> VocabLayout:
+                 device: torch.device, hidden: int = 0) -> VocabLayout:
     """This rank's slice of the vocabulary, learnt with one ``all_gather`` of (slice width,
     number of rows, dtype): the only host read of the vocabulary-parallel path.
 
@@ -61,15 +61,16 @@ def vocab_layout(group, n_local: int, n_rows: int, dtype: torch.dtype,
     rank makes the same choice between the cache and the exchange (a key that one rank had and
     another had not would leave a collective waiting).  The exchange checks, on every rank with
     the same gathered values and so with the same error, that the ranks hold the same number of
-    tokens in the same dtype; later calls are not checked again (a different number of tokens
-    per rank then fails, or hangs, in the per-token all-reduces)."""
-    key = (id(group), n_local, device.type)
+    tokens in the same dtype (and, for the fused linear loss, the same ``hidden`` size); later
+    calls are not checked again (a different number of tokens per rank then fails, or hangs, in
+    the per-token all-reduces)."""
+    key = (id(group), n_local, device.type, hidden)
     if key in _LAYOUTS:
         return _LAYOUTS[key]
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     code = _DTYPES.index(dtype) if dtype in _DTYPES else -1
-    mine = torch.tensor([n_local, n_rows, code], dtype=torch.int64, device=device)
+    mine = torch.tensor([n_local, n_rows, code, hidden], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu().tolist()
@@ -83,6 +84,9 @@ def vocab_layout(group, n_local: int, n_rows: int, dtype: torch.dtype,
         names = [str(_DTYPES[r[2]]) if r[2] >= 0 else "other" for r in table]
         raise TypeError(f"vocabulary-parallel cross-entropy: logits dtypes differ across "
                         f"ranks: {names}")
+    if len({r[3] for r in table}) != 1:
+        raise ValueError(f"vocabulary-parallel linear cross-entropy: hidden sizes differ across "
+                         f"ranks: {[r[3] for r in table]}")
     if min(sizes) < 1:
         raise ValueError(f"vocabulary-parallel cross-entropy: a rank holds no classes {sizes}")
     layout = VocabLayout(sum(sizes[:rank]), n_local, sum(sizes), sizes)
@@ -188,6 +192,46 @@ def vocab_parallel_forward(
     if grad is not None and spec.inplace_backward:
         torch.autograd.graph.increment_version(input)
     return outputs, grad
+
+
+class GatherTokens(torch.autograd.Function):
+    """Sequence parallelism: this rank's (n, H) slice of the tokens gathered into the group's
+    (world * n, H) in rank order; the backward reduce-scatters (sums over ranks the partial
+    gradients each rank made from its vocabulary slice, and keeps this rank's rows)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world = dist.get_world_size(ctx.group)
+        out = torch.empty((grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype,
+                          device=grad.device)
+        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM,
+                                   group=ctx.group)
+        return out, None
+
+
+def check_token_slices(x: Tensor, target: Tensor, group) -> None:
+    """Sequence parallelism's shapes, checked with one small ``all_gather`` of every rank's
+    token count (the same error on every rank, before the hidden states are gathered): equal
+    slices, and ``target`` holding all of them."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([x.shape[0], target.numel()], dtype=torch.int64, device=x.device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    counts = [int(g[0]) for g in gathered]
+    if len(set(counts)) != 1:
+        raise ValueError(f"sequence_parallel: ranks hold different numbers of tokens {counts}; "
+                         "each rank needs an equal, contiguous slice")
+    if any(int(g[1]) != world * counts[0] for g in gathered):
+        raise ValueError(f"sequence_parallel: target must hold every rank's tokens "
+                         f"({world} x {counts[0]}), got {[int(g[1]) for g in gathered]}")
 
 
 def check_initialized() -> None:

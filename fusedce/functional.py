@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import autograd, checks, linear, options, torch_impl
+from . import autograd, checks, distributed, linear, options, torch_impl
 from .checks import resolve_impl
 from .spec import LossSpec
 
@@ -253,6 +253,56 @@ def cross_entropy_dtensor(logits, target: Tensor, **kwargs) -> Tensor:
     return cross_entropy(logits.to_local(), target, process_group=mesh.get_group(), **kwargs)
 
 
+def linear_cross_entropy_dtensor(input, linear_weight, target: Tensor, *, linear_bias=None,
+                                 **kwargs) -> Tensor | tuple:
+    """Fused linear cross-entropy of a tensor-parallel LM head: ``linear_weight`` (and
+    ``linear_bias``) a DTensor sharded on the vocabulary (``Shard(0)`` over a 1-D mesh, as
+    ``ColwiseParallel`` makes the output projection; slices may be uneven).
+
+    ``input`` is a plain tensor or a DTensor on the same mesh: replicated (every rank holds
+    every token) or sharded on the tokens (``Shard(0)``: sequence parallelism, each rank's
+    slice gathered inside and its gradient reduce-scattered back).  ``target`` is a plain tensor
+    of global class ids for every token.  The loss is a plain tensor, the same on every rank;
+    the gradients flow back into the DTensors with their placements.  Other keywords are those
+    of ``fusedce.linear_cross_entropy`` (``process_group`` and ``sequence_parallel`` are set
+    from the mesh and the placements).
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(linear_weight, DTensor):
+        raise TypeError(f"linear_weight must be a DTensor, got {type(linear_weight).__name__}")
+    mesh = linear_weight.device_mesh
+    if mesh.ndim != 1 or list(linear_weight.placements) != [Shard(0)]:
+        raise ValueError(f"linear_weight must be sharded on its rows (Shard(0)) over a 1-D "
+                         f"mesh; got placements {linear_weight.placements} on a "
+                         f"{mesh.ndim}-D mesh")
+    for name in ("process_group", "sequence_parallel"):
+        if name in kwargs:
+            raise TypeError(f"linear_cross_entropy_dtensor sets {name} itself")
+    bias = linear_bias
+    if isinstance(bias, DTensor):
+        if bias.device_mesh != mesh or list(bias.placements) != [Shard(0)]:
+            raise ValueError("linear_bias must be sharded like linear_weight (Shard(0), same "
+                             "mesh)")
+        bias = bias.to_local()
+    sequence_parallel = False
+    if isinstance(input, DTensor):
+        if input.device_mesh != mesh:
+            raise ValueError("input and linear_weight must live on the same device mesh")
+        placement = input.placements[0]
+        if placement == Replicate():
+            pass
+        elif isinstance(placement, Shard) and placement.dim == 0:
+            sequence_parallel = True
+        else:
+            raise ValueError(f"input must be replicated or sharded on its tokens (Shard(0)), "
+                             f"got {input.placements}")
+        input = input.to_local()
+    return linear_cross_entropy(input, linear_weight.to_local(), target, linear_bias=bias,
+                                process_group=mesh.get_group(),
+                                sequence_parallel=sequence_parallel, **kwargs)
+
+
 def linear_options(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                    linear_bias: Tensor | None = None, weight: Tensor | None = None,
                    reduction: str = "mean", ignore_index: int = -100,
@@ -321,7 +371,8 @@ def prepare_linear_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
     not yet run (see ``prepare_cross_entropy``)."""
     input, linear_weight, target = options["input"], options["linear_weight"], options["target"]
     linear_bias, weight = options["linear_bias"], options["weight"]
-    reduction, chunk_size = options["reduction"], options["chunk_size"]
+    reduction = options["reduction"]
+    chunk_size = (options["chunk_size"] or 0, options["chunk_bytes"] or 0)
     token_weight = options["token_weight"]
     n_classes = linear.check_linear_inputs(input, linear_weight, linear_bias)
     checks.check_tensor("target", target)
@@ -331,32 +382,48 @@ def prepare_linear_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
                                 dict(options, out_dtype=None))
         return functools.partial(_linear_probability_loss, input, linear_weight, linear_bias,
                                  target, weight, options)
-    checks.check_class_target(input, target, class_dim=None)
-    checks.check_weight(weight, n_classes, input.device)
+    group = options["process_group"]
+    # Sequence parallelism: the targets of every rank's tokens (their count checked across
+    # ranks before the hidden states are gathered).
+    checks.check_class_target(input if not options["sequence_parallel"] else
+                              input.new_empty(target.shape + input.shape[-1:], device="meta"),
+                              target,
+                              class_dim=None)
+    checks.check_weight(weight, None if group is not None else n_classes, input.device)
     spec = checks.make_spec(options, resolve_impl(options["impl"], input.device, input.dtype))
     checks.check_token_weight(token_weight, target)
     num_items = checks.check_num_items(options["num_items_in_batch"], reduction, input.device)
-    if options["validate_targets"]:
+    if options["validate_targets"] and group is None:
         torch_impl.check_targets(target.reshape(-1), n_classes, spec.ignore_index)
+    if group is not None:
+        distributed.check_initialized()
+    elif options["sequence_parallel"]:
+        raise ValueError("sequence_parallel=True needs process_group (the tensor-parallel group "
+                         "over which the tokens are split)")
     return functools.partial(_linear_cross_entropy, input, linear_weight, target, linear_bias,
-                             weight, num_items, spec, chunk_size, token_weight)
+                             weight, num_items, spec, chunk_size, token_weight, group,
+                             options["sequence_parallel"])
 
 
 def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor,
                           linear_bias: Tensor | None, weight: Tensor | None, num_items,
-                          spec: LossSpec, chunk_size: int | None,
-                          token_weight: Tensor | None) -> Tensor | tuple:
+                          spec: LossSpec, chunk_size: tuple[int, int],
+                          token_weight: Tensor | None, group=None,
+                          sequence_parallel: bool = False) -> Tensor | tuple:
     """``linear_cross_entropy`` after its checks."""
     x = input.reshape(-1, input.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if sequence_parallel:
+        distributed.check_token_slices(x, target, group)
+        x = distributed.GatherTokens.apply(x, group)
     if weight is not None:
         weight = weight.detach().to(spec.math_dtype(x.dtype)).contiguous()
     if token_weight is not None:
         token_weight = token_weight.detach().reshape(-1).to(spec.math_dtype(x.dtype)).contiguous()
     outputs = autograd.linear_cross_entropy_outputs(
         x, linear_weight, target.reshape(-1).to(torch.int64), linear_bias, weight, num_items,
-        spec, chunk_size, token_weight)
+        spec, chunk_size, token_weight, group, reduce_input=not sequence_parallel)
     return _finish(outputs, spec, target.shape)
 
 

@@ -72,10 +72,15 @@ def _check_out_dtype(value) -> None:
         raise TypeError(f"out_dtype must be a floating-point torch.dtype, got {value!r}")
 
 
-def _check_chunk_size(value) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or value < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {value!r}")
+def _positive_int(name: str):
+    def check(value) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return check
+
+
+_check_chunk_size = _positive_int("chunk_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +124,22 @@ OPTIONS: tuple[Option, ...] = (
            "dtype of the returned loss, e.g. torch.float32 from bf16 logits (the math is "
            "float32 or better either way).", check=_check_out_dtype),
     Option("process_group", None, "ProcessGroup | None",
-           "vocabulary parallelism: this rank holds a contiguous slice of the classes (see "
-           "docs/distributed.md).", frozenset({CE, CE_MODULE})),
+           "vocabulary parallelism: this rank holds a contiguous slice of the classes (its "
+           "logits, or its rows of linear_weight and linear_bias; see docs/distributed.md).",
+           frozenset({CE, CE_MODULE, LINEAR})),
+    Option("sequence_parallel", False, "bool",
+           "with process_group: input holds this rank's contiguous slice of the tokens (rank "
+           "order, equal slices) and target every token; the hidden states are gathered inside "
+           "and grad_input is this rank's slice (a reduce-scatter), as Megatron's sequence "
+           "parallelism expects.", frozenset({LINEAR}), _boolean("sequence_parallel")),
     Option("chunk_size", None, "int | None",
-           "rows per chunk of the fused linear pass; None picks logits about the size of "
-           "the input.", frozenset({LINEAR, LINEAR_MODULE}), _check_chunk_size),
+           "rows per chunk (or per block of a vocabulary tile) of the fused linear pass; None "
+           "derives it from chunk_bytes.", frozenset({LINEAR, LINEAR_MODULE}), _check_chunk_size),
+    Option("chunk_bytes", None, "int | None",
+           "bound on the fused linear pass's logits-sized workspace in bytes; None: 1.5 GiB "
+           "(at most 1/8 of the free CUDA memory) when the vocabulary is tiled, else chunks "
+           "of float32 logits about the size of the hidden states (docs/fused-linear.md).",
+           frozenset({LINEAR, LINEAR_MODULE}), _positive_int("chunk_bytes")),
     Option("backward", "auto", 'Literal["auto", "stored", "recompute"]',
            '"stored" (the forward writes the gradient), "recompute" (the backward does, '
            'grad_output folded in) or "auto" (recompute for reduction="none").',

@@ -311,7 +311,11 @@ def shifted_linear_cross_entropy(
 ):
     """``shifted_cross_entropy`` of ``hidden @ linear_weight.T`` (plus ``linear_bias``) from
     (..., T, H) hidden states (or a tuple, one per depth), never holding the logits; keywords
-    as ``fusedce.linear_cross_entropy``'s."""
+    as ``fusedce.linear_cross_entropy``'s (``process_group`` for a vocabulary-parallel head;
+    ``sequence_parallel`` is not taken: the shift needs each sequence whole)."""
+    if kwargs.get("sequence_parallel"):
+        raise ValueError("shifted_linear_cross_entropy does not take sequence_parallel: shift "
+                         "the labels (fusedce.shifted_targets) and call linear_cross_entropy")
     checks.check_tensor("labels", labels)
     if isinstance(hidden, (tuple, list)):
         for h in hidden:

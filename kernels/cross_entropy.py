@@ -48,6 +48,13 @@ def _num_sms(device: torch.device) -> int:
     return 8  # the interpreter: any fixed number keeps launches reproducible
 
 
+# Rows in flight between a row's two reads, per SM, that keep the second read in L2: half of an
+# H100's or H200's 50 MB over its 132 SMs (the static model in ``bench/model`` gives the hit
+# rate's curve: ~1 at half the cache, 0.92 at 68%).
+_L2_ROW_BYTES_PER_SM = 25_000_000 // 132
+_WARPS_PER_SM = 32  # 1024 threads of at most 64 registers: the register file's limit
+
+
 def launch_config(
     n_rows: int,
     n_cols: int,
@@ -56,22 +63,39 @@ def launch_config(
     block_size: int | None = None,
     n_splits: int | None = None,
     batch_invariant: bool = False,
+    element_size: int = 4,
+    lanes: int = 2,
+    rereads: bool = True,
 ) -> LaunchConfig:
     """Choose block size, warps and vocabulary split for an ``(n_rows, n_cols)`` problem.
 
-    Heuristic: a block covers up to 16384 columns with one warp per 512 columns, between 4 and
-    32: 16 columns per thread, and at the largest block one program of 1024 threads per SM (at
-    most 64 registers each), so the rows in flight between a row's two reads (132 rows of
-    bf16 at 128256 classes: 34 MB) stay inside an H100's or H200's 50 MB L2 (the static model in
-    ``bench/model`` shows the figures).  The vocabulary is split across programs only when
-    there are fewer than four rows per SM, so that every SM gets work; a chunk is never smaller
-    than four blocks.  ``block_size`` and ``n_splits`` override the heuristic (tests use them to
-    reach the multi-block and split paths at small sizes).  ``batch_invariant`` never splits by
-    the row count: the tiling then depends on ``n_cols`` (and the overrides) alone, so a row's
-    results do not depend on how many rows there are.
+    Heuristic: each thread holds 16 columns of a block (8 when the statistics keep more than
+    three running vectors, ``lanes``: max and sum, plus the smoothing sum, argmax or entropy;
+    16 of each would pass the 64-register cap and spill).  A program that reads its row twice
+    (``rereads``: statistics, then the gradient) uses the fewest warps, between 4 and 32, whose
+    rows in flight (32 warps per SM divided among the programs, each holding a row of
+    ``n_cols * element_size`` bytes) stay within ``_L2_ROW_BYTES_PER_SM``, so the second read
+    hits L2: 32 warps (one row per SM) at 128256 classes, 16 at 32000 in bf16.  A program that
+    reads its row once uses 4 warps: fewer threads per row spend less on the reductions and the
+    masked tail outside the loop.  A block never exceeds the row (rounded up to a power of
+    two).  The vocabulary is split across programs only when there are fewer than four rows
+    per SM, so that every SM gets work; a chunk is never smaller than four blocks.
+    ``block_size`` and ``n_splits`` override the heuristic (tests use them to reach the
+    multi-block and split paths at small sizes).  ``batch_invariant`` never splits by the row
+    count, and its tiling depends on ``n_cols`` and the dtype (and the overrides) alone, not on
+    the mode: a row's results do not depend on how many rows there are, and a forward-only
+    call (log-probabilities of a rollout) agrees bitwise with the training pass.
     """
+    if batch_invariant:  # one plan per width and dtype, whatever the mode
+        lanes, rereads = 4, True
+    per_thread = 16 if lanes <= 3 else 8
     if block_size is None:
-        block_size = min(triton.next_power_of_2(max(n_cols, 1)), 16384)
+        warps = _WARPS_PER_SM if rereads else 4
+        row_bytes = max(n_cols, 1) * element_size
+        while rereads and warps > 4 and \
+                _WARPS_PER_SM // (warps // 2) * row_bytes <= _L2_ROW_BYTES_PER_SM:
+            warps //= 2
+        block_size = min(triton.next_power_of_2(max(n_cols, 1)), warps * 32 * per_thread)
     elif block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     n_blocks = triton.cdiv(max(n_cols, 1), block_size)
@@ -86,7 +110,7 @@ def launch_config(
     # Round the chunk up to whole blocks, then drop splits that would be empty.
     cols_per_split = triton.cdiv(n_blocks, n_splits) * block_size
     n_splits = triton.cdiv(max(n_cols, 1), cols_per_split)
-    num_warps = min(32, max(4, block_size // 512))
+    num_warps = min(32, max(4, block_size // (32 * per_thread)))
     return LaunchConfig(block_size, num_warps, n_splits, cols_per_split)
 
 
@@ -152,11 +176,14 @@ def tiling(block_size: int | None = None, n_splits: int | None = None):
         _TILING.update(previous)
 
 
-def _config(logits: torch.Tensor, spec: LossSpec, n_splits: int | None = None) -> LaunchConfig:
+def _config(logits: torch.Tensor, spec: LossSpec, n_splits: int | None = None, *,
+            rereads: bool = False) -> LaunchConfig:
     n_rows, n_cols = rows_of("logits", logits)[:2]
+    lanes = 2 + spec.has_smoothing + spec.return_stats + spec.has_entropy
     return launch_config(n_rows, n_cols, logits.device, block_size=_TILING["block_size"],
                          n_splits=n_splits if n_splits is not None else _TILING["n_splits"],
-                         batch_invariant=spec.batch_invariant)
+                         batch_invariant=spec.batch_invariant,
+                         element_size=logits.element_size(), lanes=lanes, rereads=rereads)
 
 
 def _options(spec: LossSpec) -> dict:
@@ -290,7 +317,7 @@ def ce_fwd(
         stat_grads = (_dense(stat_grads[0]), _dense(stat_grads[1]))
     if stats_out is not None and not stats_out.is_contiguous():
         raise ValueError("ce_fwd's stats_out must be contiguous (it is written by flat offset)")
-    cfg = _config(logits, spec)
+    cfg = _config(logits, spec, rereads=grad is not None and row_stats is None)
     if row_stats is None and cfg.n_splits > 1:
         row_stats = ce_row_stats(logits, target, weight, spec, n_splits=cfg.n_splits)
     merge = row_stats is not None
