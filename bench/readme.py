@@ -146,7 +146,7 @@ def _model_lines(prefix: str = DOCS, full: bool = True) -> list[str]:
     path = folder / "model.json"
     if not path.exists():
         return []
-    from bench.model.report import headline_table
+    from bench.model.report import headline_table, linear_table
 
     data = json.loads(path.read_text())
     meta = data["meta"]
@@ -162,6 +162,19 @@ def _model_lines(prefix: str = DOCS, full: bool = True) -> list[str]:
         "its package, side by side):",
         "",
         headline_table(data),
+    ]
+    if "linear" in data:
+        gpu = data["meta"]["gpus"][0]["name"]
+        lines += [
+            "The LM head as a whole, fused linear cross-entropy forward + backward in bf16, "
+            f"in the same model ({gpu}"
+            + (", TRL's shape" if not full else ", three shapes") + "): each contender's "
+            "matrix products and passes, against the GEMM floor (the three products alone):",
+            "",
+            linear_table(data, shapes=None if full else [(8192, 4096, 151936)],
+                         gpus=[gpu]),
+        ]
+    lines += [
         "Every shape, the code of each launch and the traffic by launch: "
         f"[bench/results/model/model.md]({prefix}bench/results/model/model.md).",
         "",
@@ -178,14 +191,33 @@ def _no_gpu(folders: list[Path]) -> list[str]:
             "CUDA machine produces them.", ""]
 
 
+def _lead_lines() -> list[str]:
+    """Where the predicted lead over Liger-Kernel comes from (kernels vs launches and syncs),
+    at the headline shape on the first GPU of the model."""
+    data = json.loads((ROOT / "bench" / "results" / "model" / "model.json").read_text())
+    from bench.model.report import HEADLINE, lead
+
+    gpu = data["meta"]["gpus"][0]["name"]
+    parts = []
+    for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward + backward")):
+        try:
+            split = lead(data, f"fusedce:{mode}", f"liger:{mode}", gpu=gpu, **HEADLINE)
+        except IndexError:
+            return []
+        parts.append(f"{label} {split['kernels_ms'] * 1e3:+.1f} us from the kernels and "
+                     f"{split['launches_syncs_ms'] * 1e3:+.1f} us from launches, small "
+                     "operations and host syncs")
+    return [f"Where fusedce's predicted lead over Liger-Kernel comes from ({gpu}, this model): "
+            + "; ".join(parts) + ". Both kernels move the same bytes per logit; the kernels' "
+            "part is their difference in memory, issue and spill time.", ""]
+
+
 def headline() -> str:
     """The README's headline: the static model's table, and where the measurements are."""
     folders = sorted(p for p in (ROOT / "bench" / "results").glob("*/results.json"))
     lines = [HEAD_BEGIN, ""] + _model_lines(prefix="", full=False)
     if len(lines) > 2:
-        lines += ["In this model fusedce and Liger-Kernel move the same bytes per logit; the "
-                  "difference in predicted time comes from the number of launches and small "
-                  "operations, each charged an assumed 4 us.", ""]
+        lines += _lead_lines()
     lines += ["Measured results, each with its device, versions and command: "
               "[docs/benchmarks.md](docs/benchmarks.md) ("
               + ", ".join(f"`{p.parent.name}`" for p in folders) + ").", ""]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import linear, report
 from .hardware import GPUS
 from .roofline import ASSUMPTIONS, predictions
 
@@ -56,6 +56,10 @@ def run(out: Path) -> dict:
             "liger_missing": traffic["liger_missing"],
         },
         "predictions": predictions(traffic, code),
+        # The LM head as a whole (fused linear cross-entropy), modelled from each contender's
+        # operations (bench/model/linear.py), with published measurements beside it.
+        "linear": {"assumptions": linear.ASSUMPTIONS, "predictions": linear.predictions(),
+                   "published": linear.PUBLISHED},
         "traffic": traffic["cases"],
         "kernels": code["kernels"],
     }

@@ -45,13 +45,13 @@ def _plan_for_headline(force: dict | None):
         else ce.launch_config
 
     def planned(n_rows, n_cols, device, *, block_size=None, n_splits=None,
-                batch_invariant=False):
+                batch_invariant=False, **mode):
         if force:
             block_size = block_size or force["block_size"]
             if not batch_invariant:  # (an invariant plan never splits by the row count)
                 n_splits = n_splits or force["n_splits"]
         return real(n_rows, n_cols, device, block_size=block_size, n_splits=n_splits,
-                    batch_invariant=batch_invariant)
+                    batch_invariant=batch_invariant, **mode)
 
     planned.__wrapped__ = real
     ce.launch_config = planned
@@ -112,8 +112,8 @@ def collect_code() -> dict:
     compiled: dict[str, dict] = {}
     cases = []
     for workload in workloads:
-        if workload.linear or (workload.contender == "liger" and workload.mode == "none_bwd"):
-            continue  # their kernels are those of other workloads (see roofline.py)
+        if workload.linear:
+            continue  # the fused linear loss is modelled from its matrix products
         for dtype_name, dtype in DTYPES.items():
             for vocab in VOCABS:
                 rows = 64 if workload.few_rows else 8192
@@ -154,7 +154,7 @@ def _key(fn, args, kwargs) -> str:
     for name, value in sorted(kwargs.items()):
         if isinstance(value, torch.Tensor):
             parts.append(f"{name}:{value.dtype}:{value.data_ptr() % 16 == 0}")
-        elif isinstance(value, bool) or name.isupper() or name == "num_warps":
+        elif isinstance(value, (bool, str)) or name.isupper() or name == "num_warps":
             parts.append(f"{name}={value}")
         elif isinstance(value, int):
             parts.append(f"{name}:{'d16' if value % 16 == 0 else ('one' if value == 1 else 'i')}")

@@ -13,12 +13,15 @@ def _rows(data: dict, **match) -> list[dict]:
 
 
 def headline_table(data: dict) -> str:
-    """Mode x contender at bf16, 8192 x 128256: bytes, instructions and EX2 per logit, the
-    predicted time on each GPU and its share of the copy-bandwidth floor."""
+    """Mode x contender at bf16, 8192 x 128256: bytes, whole-path instructions and EX2 per
+    logit, spills, launches, and the predicted time on each GPU split into the kernels' part
+    and the launches' and host syncs' part, with its share of the copy-bandwidth floor."""
     gpus = [g["name"] for g in data["meta"]["gpus"]]
-    head = ("| workload | HBM B/logit | SASS instr/logit | EX2/logit | small torch ops | "
-            + " | ".join(f"{g} ms (% of copy floor)" for g in gpus) + " |")
-    lines = [head, "|" + "---|" * (5 + len(gpus))]
+    head = ("| workload | HBM B/logit | SASS instr/logit | EX2/logit | spills (B) | "
+            "launches + small ops + syncs | "
+            + " | ".join(f"{g} kernels + launches/syncs = ms (% of copy floor)" for g in gpus)
+            + " |")
+    lines = [head, "|" + "---|" * (6 + len(gpus))]
     names = list(dict.fromkeys(p["workload"] for p in data["predictions"]))
     for name in names:
         by_gpu = {p["gpu"]: p for p in _rows(data, workload=name, **HEADLINE)}
@@ -31,10 +34,58 @@ def headline_table(data: dict) -> str:
         lines.append(
             f"| {name}{' (64 tokens)' if p['tokens'] == 64 else ''} | "
             f"{p['hbm_bytes_per_logit']:.2f} | {p['instructions_per_logit']:.1f} | "
-            f"{p['ex2_per_logit']:.1f} | {p['small_torch_ops']} | "
-            + " | ".join(f"{by_gpu[g]['predicted_ms']:.3f} ({by_gpu[g]['pct_of_copy_floor']:.0f}%)"
-                         if g in by_gpu else "—" for g in gpus) + " |")
+            f"{p['ex2_per_logit']:.2f} | {p['spill_bytes']} | "
+            f"{p['kernel_launches']} + {p['small_torch_ops']} + {p['host_syncs']} | "
+            + " | ".join(_split_time(by_gpu[g]) if g in by_gpu else "—" for g in gpus) + " |")
     return "\n".join(lines) + "\n"
+
+
+LINEAR_NAMES = {"unfused": "unfused (PyTorch eager)",
+                "torch_chunked": "PyTorch chunked F.linear_cross_entropy",
+                "liger": "Liger-Kernel fused linear CE", "cce": "Cut Cross-Entropy",
+                "fusedce_rows": "fusedce, 'rows' policy (float32 heads)",
+                "fusedce_vocab": "fusedce, 'vocab' policy (default for 16-bit heads)",
+                "fusedce_vocab_all": "fusedce, 'vocab' policy, chunk_bytes keeping all logits"}
+
+
+def linear_table(data: dict, shapes: list[tuple[int, int, int]] | None = None,
+                 gpus: list[str] | None = None) -> str:
+    """The fused linear loss (forward + backward, bf16) per contender: predicted time, its ratio
+    to the GEMM floor, peak extra memory; published measurements beside where they exist."""
+    if "linear" not in data:
+        return ""
+    rows = []
+    published = {(m["contender"], m["tokens"], m["hidden"], m["vocab"]): m
+                 for m in data["linear"]["published"]}
+    for p in data["linear"]["predictions"]:
+        shape = (p["tokens"], p["hidden"], p["vocab"])
+        if (shapes and shape not in shapes) or (gpus and p["gpu"] not in gpus):
+            continue
+        m = published.get((p["contender"], *shape)) if p["gpu"].startswith("H100") else None
+        rows.append([f"{p['tokens']} x {p['hidden']} x {p['vocab']}", p["gpu"],
+                     LINEAR_NAMES.get(p["contender"], p["contender"]),
+                     f"{p['predicted_ms']:.1f}", f"{p['gemm_floor_ms']:.1f}",
+                     f"{p['ratio_to_floor']:.2f}x", f"{p['peak_extra_gib']:.2f}",
+                     f"{m['ms']:.0f} ms, {m['gib']} GiB ({m['source']})" if m else "—"])
+    return _table(["tokens x hidden x vocab", "GPU", "contender", "predicted ms (model)",
+                   "GEMM floor ms", "ratio to floor", "peak extra GiB (model)",
+                   "published measurement"], rows)
+
+
+def _split_time(p: dict) -> str:
+    overhead = p["launch_ms"] + p["sync_ms"]
+    return (f"{p['kernel_ms']:.3f} + {overhead:.3f} = {p['predicted_ms']:.3f} "
+            f"({p['pct_of_copy_floor']:.0f}%)")
+
+
+def lead(data: dict, ours: str, theirs: str, **match) -> dict:
+    """Where one contender's predicted lead over another comes from: the kernels' part and
+    the launches' and syncs' part, in ms (positive: ``ours`` is faster)."""
+    a = _rows(data, workload=ours, **match)[0]
+    b = _rows(data, workload=theirs, **match)[0]
+    return {"kernels_ms": round(b["kernel_ms"] - a["kernel_ms"], 4),
+            "launches_syncs_ms": round(b["launch_ms"] + b["sync_ms"] - a["launch_ms"]
+                                       - a["sync_ms"], 4)}
 
 
 def _table(head: list[str], rows: list[list]) -> str:
@@ -46,13 +97,15 @@ def _table(head: list[str], rows: list[list]) -> str:
 
 def _all_shapes_table(data: dict) -> str:
     head = ["workload", "dtype", "tokens", "vocab", "GPU", "HBM B/logit", "instr/logit",
-            "EX2/logit", "launches", "small ops", "logits-sized torch ops", "syncs",
-            "predicted ms", "% of copy floor"]
+            "EX2/logit", "spill B/logit", "launches", "small ops", "logits-sized torch ops",
+            "syncs", "kernels ms", "launches + syncs ms", "predicted ms", "% of copy floor"]
     return _table(head, [
         [p["workload"], p["dtype"], p["tokens"], p["vocab"], p["gpu"],
          f"{p['hbm_bytes_per_logit']:.2f}", f"{p['instructions_per_logit']:.1f}",
-         f"{p['ex2_per_logit']:.1f}", p["kernel_launches"], p["small_torch_ops"],
+         f"{p['ex2_per_logit']:.2f}", f"{p['local_bytes_per_logit']:.1f}",
+         p["kernel_launches"], p["small_torch_ops"],
          ", ".join(p["logits_sized_torch_ops"]) or "—", p["host_syncs"],
+         f"{p['kernel_ms']:.3f}", f"{p['launch_ms'] + p['sync_ms']:.3f}",
          f"{p['predicted_ms']:.3f}", f"{p['pct_of_copy_floor']:.0f}%"]
         for p in data["predictions"]])
 
@@ -60,7 +113,8 @@ def _all_shapes_table(data: dict) -> str:
 def _code_table(data: dict) -> str:
     """One row per distinct compiled launch at the headline shapes (H100 occupancy)."""
     head = ["workload", "dtype", "vocab", "kernel", "warps", "registers", "spills (B)",
-            "programs/SM", "rows in flight (MB)", "L2 hit", "loops: instr/elem, EX2/elem",
+            "programs/SM", "rows in flight (MB)", "L2 hit", "loop bodies: instr/elem, EX2/elem",
+            "whole path: instr/logit, EX2/logit, spill B/logit", "bound",
             "loads", "stores"]
     rows, seen = [], set()
     for p in data["predictions"]:
@@ -77,6 +131,8 @@ def _code_table(data: dict) -> str:
                          launch["programs_per_sm"], launch["in_flight_mb"], launch["l2_hit"],
                          "; ".join(f"{lp['instructions']:.1f}, {lp['ex2']:.2f}"
                                    for lp in loops) or "—",
+                         f"{launch['instructions_per_logit']:.1f}, {launch['ex2_per_logit']:.2f}, "
+                         f"{launch['local_bytes_per_logit']:.1f}", launch["bound"],
                          ", ".join(sorted({w for lp in loops for w in lp["loads"]})) or "—",
                          ", ".join(sorted({w for lp in loops for w in lp["stores"]})) or "—"])
     return _table(head, rows)
@@ -105,7 +161,7 @@ def _traffic_table(data: dict) -> str:
 def markdown(data: dict) -> str:
     meta = data["meta"]
     gpus = "; ".join(f"{g['name']}: {g['sms']} SMs, {g['clock_hz'] / 1e9:.2f} GHz, "
-                     f"{g['hbm_bytes_per_s'] / 1e12:.2f} TB/s HBM, {g['l2_bytes'] >> 20} MB L2"
+                     f"{g['hbm_bytes_per_s'] / 1e12:.2f} TB/s HBM, {g['l2_bytes'] / 1e6:.0f} MB L2"
                      for g in meta["gpus"])
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
     parts = [
@@ -122,6 +178,12 @@ def markdown(data: dict) -> str:
         "## Headline: bf16, 8192 tokens x 128256 classes",
         "",
         headline_table(data),
+        "## The LM head: fused linear cross-entropy, forward + backward, bf16 (model)",
+        "",
+        "Each contender's operations at each shape (`bench/model/linear.py`): "
+        + (data["linear"]["assumptions"] if "linear" in data else "") + ".",
+        "",
+        linear_table(data),
         "## Every shape",
         "",
         _all_shapes_table(data),

@@ -2,31 +2,56 @@
 
 For each launch of a step at the headline shape (rows x vocab):
 
-* HBM bytes: the step's first reads of logits-sized tensors, reads in a later launch (served
-  by L2 only when all the logits fit in ``L2_SHARE`` of it), writes, and the share of
-  same-program re-reads (a row's second pass) that misses L2, plus the small per-row bytes.
-  A second pass hits L2 when the rows in flight (resident programs x the bytes of the chunk
-  each streams) fit in ``L2_SHARE`` of the L2; beyond, the hit share falls as
-  ``L2_SHARE * L2 / in flight`` (an assumption, named in every report);
-* issue time: SASS instructions of each loop per element times the elements it covers, over
-  the warp schedulers of the SMs the grid occupies; MUFU time likewise over the SFUs;
-* launch cost: ``LAUNCH_OVERHEAD_S`` per kernel launch and per small PyTorch operation.
+* HBM bytes: the step's first reads of logits-sized tensors, writes, the share of re-reads
+  that miss L2 (``l2_hit`` below), the small per-row bytes, and spill traffic (below);
+* L2: a re-read hits when fewer than ``L2_WAYS`` other lines fell into its cache set since the
+  first read.  With ``D`` bytes of other lines touched in between (the rows in flight: resident
+  programs x the bytes of the chunk each streams; for a later launch, the whole logits) and an
+  address hash that spreads lines evenly over the sets, the lines landing in one set are
+  Poisson with mean ``L2_WAYS * D / L2``, so ``hit = P(Poisson(L2_WAYS * D / L2) < L2_WAYS)``:
+  the set-conflict model of Agarwal, Horowitz and Hennessy ("An analytical cache model", ACM
+  TOCS 7(2), 1989) for an LRU set, with the H100's 50 MB L2 and an assumed 16 ways.  It falls
+  smoothly from ~1 at half the cache (0.996) to 0.92 at 68% and 0.47 at 100%;
+* issue time: the whole per-row path, from the SASS: each loop's trips x its body (a masked
+  loop runs ceil(n / step) trips, an unmasked one floor, its masked tail then being code
+  outside the loop) plus every instruction outside the loops once per program, over the warp
+  schedulers of the SMs the grid occupies; MUFU (EX2) time likewise over the SFUs;
+* spills: each STL/LDL's bytes, summed along the same path, are served by L1 at
+  ``L1_BYTES_PER_CLOCK`` per SM (the part of the stack frame beyond what L1 can hold beside
+  the resident programs goes to L2 and is charged at HBM rate, an upper bound);
+* launch and sync cost: ``LAUNCH_OVERHEAD_S`` per kernel launch and per small PyTorch
+  operation, ``SYNC_S`` per host synchronisation, charged apart from the kernels so that a
+  difference between contenders says where it comes from.
 
-A launch takes the longest of its memory, issue and MUFU times, plus its launch cost;
-logits-sized PyTorch operations outside the kernels add their elementwise traffic.  The floor
-is the fewest bytes the mode must move (logits read once, gradient written once) at the copy
-bandwidth; the predicted share of it is what the benchmark would report as % of copy bandwidth.
+A launch's kernel time is the longest of its memory, issue, MUFU and spill times; logits-sized
+PyTorch operations outside the kernels add their elementwise traffic.  The floor is the fewest
+bytes the mode must move (logits read once, gradient written once) at the copy bandwidth; the
+predicted share of it is what the benchmark would report as % of copy bandwidth.
 """
 
 from __future__ import annotations
 
 import math
 
-from .hardware import COPY_EFFICIENCY, GPUS, LAUNCH_OVERHEAD_S, Gpu
+from .hardware import COPY_EFFICIENCY, GPUS, LAUNCH_OVERHEAD_S, SYNC_S, Gpu
 
-L2_SHARE = 0.75  # assumed share of the L2 that can hold rows between their two reads
+L2_WAYS = 16  # assumed associativity of the L2 (not published by NVIDIA)
+L1_BYTES_PER_CLOCK = 128  # L1 load/store bandwidth per SM per clock (Hopper tuning guide)
+L1_BYTES = 256 * 1024  # L1 + shared memory per SM (H100 whitepaper)
 ELEMENT_SIZE = {"bfloat16": 2, "float32": 4}
 TOKENS = [8192, 16384]
+
+
+def l2_hit(distance: float, gpu: Gpu) -> float:
+    """Probability that a line re-read after ``distance`` bytes of other lines is still in L2:
+    P(Poisson(ways * distance / L2) < ways) (see the module docstring)."""
+    mean = L2_WAYS * distance / gpu.l2_bytes
+    term = math.exp(-mean)
+    total = term
+    for k in range(1, L2_WAYS):
+        term *= mean / k
+        total += term
+    return min(1.0, total)
 
 
 def programs_per_sm(code: dict, gpu: Gpu) -> int:
@@ -40,17 +65,48 @@ def programs_per_sm(code: dict, gpu: Gpu) -> int:
     return max(0, min(by_regs, by_smem, by_threads, gpu.max_blocks_per_sm))
 
 
-def loop_costs(code: dict, element_size: int) -> list[dict]:
-    """Per-element instructions and EX2 of each loop that streams the logits."""
+def streaming_loops(code: dict, element_size: int) -> list[dict]:
+    """The innermost loops that stream a logits-sized row: (elements per thread per trip,
+    instructions and EX2 per element of the body, masked or not)."""
     out = []
     for loop in code["loops"]:
-        if loop["instructions"] <= 2 or loop["load_bytes"] == 0:
-            continue  # a branch-only loop, or one that only stores (zeros of ignored rows)
+        if not loop.get("inner", True) or loop["instructions"] <= 2 or loop["load_bytes"] == 0:
+            continue  # an outer loop, a branch-only loop, or one that only stores zeros
         elements = loop["load_bytes"] / element_size
-        out.append({"instructions": loop["instructions"] / elements,
+        out.append({"elements": elements, "trip_instructions": loop["instructions"],
+                    "trip_ex2": loop["ex2"], "trip_local_bytes": loop.get("local_bytes", 0),
+                    "masked": loop.get("predicated", False),
+                    "instructions": loop["instructions"] / elements,
                     "ex2": loop["ex2"] / elements,
                     "loads": sorted(set(loop["loads"])), "stores": sorted(set(loop["stores"]))})
     return out
+
+
+def whole_path(code: dict, size: int, cols: int, rows_per_program: float,
+               passes: float) -> dict:
+    """Per-thread instructions, EX2 and spill bytes of one program along its whole path:
+    trips x body of each streaming loop (``passes`` of them run: a launch that skips its
+    loop, as the backward's scaling at grad_output 1, runs none), outer loops' own code per
+    row, and the code outside all loops once."""
+    threads = 32 * code["num_warps"]
+    loops = streaming_loops(code, size)
+    running = min(len(loops), round(passes)) if loops else 0
+    total = {"instructions": 0.0, "ex2": 0.0, "local_bytes": 0.0}
+    for loop in loops[:running]:
+        step = loop["elements"] * threads
+        trips = math.ceil(cols / step) if loop["masked"] else cols // step
+        total["instructions"] += trips * loop["trip_instructions"] * rows_per_program
+        total["ex2"] += trips * loop["trip_ex2"] * rows_per_program
+        total["local_bytes"] += trips * loop["trip_local_bytes"] * rows_per_program
+    for loop in code["loops"]:
+        if not loop.get("inner", True):
+            total["instructions"] += loop["instructions"] * rows_per_program
+            total["local_bytes"] += loop.get("local_bytes", 0) * rows_per_program
+    outside = code.get("outside", {})
+    total["instructions"] += outside.get("instructions", 0)
+    total["ex2"] += outside.get("ex2", 0)
+    total["local_bytes"] += outside.get("local_bytes", 0)
+    return total
 
 
 def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu) -> dict:
@@ -61,7 +117,8 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
     rows = code_case["rows"] if code_case["rows"] < 8192 else tokens
     logits = rows * cols
     small_logits = traffic["rows"] * traffic["cols"]
-    total = {"seconds": 0.0, "hbm_bytes": 0.0, "instructions": 0.0, "ex2": 0.0}
+    total = {"kernel_s": 0.0, "hbm_bytes": 0.0, "instructions": 0.0, "ex2": 0.0,
+             "local_bytes": 0.0}
     launches = []
     for t_launch, c_launch in zip(traffic["launches"], code_case["launches"]):
         code = kernels[c_launch["code"]]
@@ -73,47 +130,67 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
         per_logit = {k: reads.get(k, 0) / small_logits for k in
                      ("first", "same_program", "later_launch")}
         per_logit["write"] = big_stores / small_logits
-        grid_programs = math.prod(c_launch["grid"])
+        grid = list(c_launch["grid"])
+        if grid and grid[0] == code_case["rows"] and rows != code_case["rows"]:
+            grid[0] = rows  # one program per row: the grid follows the tokens
+        grid_programs = math.prod(grid)
         resident = min(grid_programs, programs_per_sm(code, gpu) * gpu.sms)
-        chunk = c_launch.get("cols_per_split", c_launch.get("n_cols", cols)) * size
-        in_flight = resident * chunk
-        hit = 1.0 if in_flight <= L2_SHARE * gpu.l2_bytes else L2_SHARE * gpu.l2_bytes / in_flight
-        # A later launch's re-read hits L2 only when all the logits fit there (few rows).
-        later_hit = 1.0 if logits * size <= L2_SHARE * gpu.l2_bytes else 0.0
+        cols_per_program = min(c_launch.get("cols_per_split", cols), cols)
+        in_flight = resident * cols_per_program * size
+        hit = l2_hit(in_flight, gpu)
+        later_hit = l2_hit(logits * size, gpu)
         hbm = logits * (per_logit["first"] + (1 - later_hit) * per_logit["later_launch"]
                         + per_logit["write"] + (1 - hit) * per_logit["same_program"]) \
             + rows * small
-        loops = loop_costs(code, size)
         streamed = big_loads / small_logits / size  # passes over the logits this launch made
-        per_loop = streamed / len(loops) if loops else 0.0
-        instructions = sum(lp["instructions"] for lp in loops) * per_loop
-        ex2 = sum(lp["ex2"] for lp in loops) * per_loop
+        if streamed:
+            rows_per_program = rows * cols / cols_per_program / grid_programs
+            path = whole_path(code, size, cols_per_program, rows_per_program, streamed)
+            threads = 32 * code["num_warps"]
+            instructions = path["instructions"] * threads * grid_programs / logits
+            ex2 = path["ex2"] * threads * grid_programs / logits
+            local = path["local_bytes"] * threads * grid_programs / logits
+        else:  # a per-row kernel (scale, reduce) or one whose loop did not run
+            path = whole_path(code, size, 0, 0, 0)
+            threads = 32 * code["num_warps"]
+            instructions = path["instructions"] * threads * grid_programs / logits
+            ex2, local = 0.0, 0.0
         active = min(gpu.sms, grid_programs)
         t_mem = hbm / gpu.copy_bytes_per_s
         t_issue = logits * instructions / 32 / (gpu.issue_per_sm_per_clock * active * gpu.clock_hz)
         t_sfu = logits * ex2 / (gpu.sfu_per_sm_per_clock * active * gpu.clock_hz)
-        seconds = max(t_mem, t_issue, t_sfu) + LAUNCH_OVERHEAD_S
+        # Spills: L1 serves the frames of the resident programs that fit beside nothing else.
+        frame = code["local_bytes"] * threads * programs_per_sm(code, gpu)
+        l1_share = min(1.0, L1_BYTES / frame) if frame else 1.0
+        t_local = logits * local * l1_share / (L1_BYTES_PER_CLOCK * active * gpu.clock_hz) \
+            + logits * local * (1 - l1_share) / gpu.copy_bytes_per_s
+        hbm += logits * local * (1 - l1_share)
+        seconds = max(t_mem, t_issue, t_sfu, t_local)
+        bound = max((t_mem, "memory"), (t_issue, "issue"), (t_sfu, "mufu"), (t_local, "spills"))
         launches.append({
-            "kernel": code["kernel"], "grid": c_launch["grid"], "num_warps": code["num_warps"],
+            "kernel": code["kernel"], "grid": grid, "num_warps": code["num_warps"],
             "registers": code["registers"], "spill_bytes": code["local_bytes"],
             "programs_per_sm": programs_per_sm(code, gpu),
             "in_flight_mb": round(in_flight / 1e6, 1), "l2_hit": round(hit, 3),
             "bytes_per_logit": {k: round(v, 3) for k, v in per_logit.items()},
             "hbm_bytes_per_logit": round(hbm / logits, 3),
+            "local_bytes_per_logit": round(local, 2),
             "instructions_per_logit": round(instructions, 2), "ex2_per_logit": round(ex2, 2),
-            "loops": loops, "bound": max((t_mem, "memory"), (t_issue, "issue"),
-                                         (t_sfu, "mufu"))[1],
+            "loops": streaming_loops(code, size), "bound": bound[1],
             "ms": round(seconds * 1e3, 4),
         })
-        total["seconds"] += seconds
+        total["kernel_s"] += seconds
         total["hbm_bytes"] += hbm
         total["instructions"] += instructions
         total["ex2"] += ex2
+        total["local_bytes"] += local
     n_small = sum(traffic["torch_ops"].values()) - len(traffic["logits_sized_torch_ops"])
-    total["seconds"] += n_small * LAUNCH_OVERHEAD_S
     big_ops = [op for op in traffic["logits_sized_torch_ops"] if op not in ("mm", "addmm")]
     total["hbm_bytes"] += len(big_ops) * 2 * logits * size  # elementwise: read and write
-    total["seconds"] += len(big_ops) * 2 * logits * size / gpu.copy_bytes_per_s
+    total["kernel_s"] += len(big_ops) * 2 * logits * size / gpu.copy_bytes_per_s
+    launch_s = (len(launches) + n_small) * LAUNCH_OVERHEAD_S
+    sync_s = traffic["host_syncs"] * SYNC_S
+    seconds = total["kernel_s"] + launch_s + sync_s
     backward = not traffic["workload"].endswith(":fwd")
     floor = (2 if backward else 1) * logits * size / gpu.copy_bytes_per_s
     return {
@@ -124,9 +201,15 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
         "hbm_bytes_per_logit": round(total["hbm_bytes"] / logits, 3),
         "instructions_per_logit": round(total["instructions"], 2),
         "ex2_per_logit": round(total["ex2"], 2),
-        "predicted_ms": round(total["seconds"] * 1e3, 4),
+        "local_bytes_per_logit": round(total["local_bytes"], 2),
+        "spill_bytes": max(launch["spill_bytes"] for launch in launches) if launches else 0,
+        "kernel_ms": round(total["kernel_s"] * 1e3, 4),
+        "launch_ms": round(launch_s * 1e3, 4),
+        "sync_ms": round(sync_s * 1e3, 4),
+        "predicted_ms": round(seconds * 1e3, 4),
         "floor_ms": round(floor * 1e3, 4),
-        "pct_of_copy_floor": round(100 * floor / total["seconds"], 1),
+        "pct_of_copy_floor": round(100 * floor / seconds, 1),
+        "kernel_pct_of_copy_floor": round(100 * floor / total["kernel_s"], 1),
     }
 
 
@@ -137,8 +220,6 @@ def predictions(traffic: dict, code: dict) -> list[dict]:
     out = []
     for (workload, dtype), t_case in by_key.items():
         source = workload
-        if workload == "liger:none_bwd":
-            source = "liger:fwd_bwd"  # the same kernel; the per-token scaling is a torch op
         if workload.endswith(":linear"):
             continue  # reported from its traffic alone (its matrix products dominate)
         for vocab in sorted({c["vocab"] for c in code["cases"]}):
@@ -152,5 +233,9 @@ def predictions(traffic: dict, code: dict) -> list[dict]:
 
 
 ASSUMPTIONS = (f"copy bandwidth = {COPY_EFFICIENCY:.0%} of datasheet HBM bandwidth; "
-               f"re-reads hit L2 while rows in flight fit in {L2_SHARE:.0%} of it; "
-               f"{LAUNCH_OVERHEAD_S * 1e6:.0f} us per kernel launch or small PyTorch operation")
+               f"L2 re-read hits P(Poisson({L2_WAYS} x bytes in between / L2) < {L2_WAYS}) "
+               f"({L2_WAYS}-way sets, Agarwal et al. 1989); whole-path SASS instructions; "
+               f"spills served by L1 at {L1_BYTES_PER_CLOCK} B/clock/SM; "
+               f"{LAUNCH_OVERHEAD_S * 1e6:.0f} us per kernel launch or small PyTorch operation "
+               f"and {SYNC_S * 1e6:.0f} us per host synchronisation, charged apart from the "
+               "kernels")

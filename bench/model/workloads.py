@@ -93,16 +93,25 @@ def _linear(x, t, go):
     loss.backward()
 
 
-def _liger(backward: bool, reduction: str = "mean"):
+def _stats(x, t, go):
+    """Forward + backward with the statistics (accuracy, entropy, argmax) beside the loss."""
+    loss, _ = _ce(x, t, return_stats=True)
+    loss.backward(go)
+
+
+def _liger(backward: bool, reduction: str = "mean", accuracy: bool = False):
     def step(x, t, go):
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
 
+        extra = (None, False, True, True) if accuracy else ()  # softcap, z-loss, accuracy
         if not backward:
             with torch.no_grad():
-                LigerCrossEntropyFunction.apply(x.detach(), t, None, -100, 0.0, 0.0, "mean")
+                LigerCrossEntropyFunction.apply(x.detach(), t, None, -100, 0.0, 0.0, "mean",
+                                                *extra)
             return
         logits = _Activation.apply(x)
-        loss = LigerCrossEntropyFunction.apply(logits, t, None, -100, 0.0, 0.0, reduction)[0]
+        loss = LigerCrossEntropyFunction.apply(logits, t, None, -100, 0.0, 0.0, reduction,
+                                               *extra)[0]
         loss.backward(go)
     return step
 
@@ -122,6 +131,8 @@ WORKLOADS = [
              few_rows=True),
     Workload("fusedce", "few_rows_invariant", "64 rows, grad_output 1, batch_invariant=True "
              "(no split)", _fwd_bwd(batch_invariant=True), few_rows=True),
+    Workload("fusedce", "stats", "grad_output 1, return_stats=True (accuracy, entropy, argmax)",
+             _stats),
     Workload("fusedce", "stats_grad", "reduction='none' with differentiable lse and entropy",
              _stats_grad, go="per_token"),
     Workload("fusedce", "vocab_parallel", "one rank of two: statistics, then loss and gradient",
@@ -133,6 +144,9 @@ WORKLOADS = [
     Workload("liger", "fwd_bwd_scaled", "grad_output 1/8", _liger(True), go="scaled"),
     Workload("liger", "none_bwd", "reduction='none', per-token grad_output",
              _liger(True, "none"), go="per_token"),
+    Workload("liger", "stats", "grad_output 1, return_token_accuracy and "
+             "return_predicted_tokens (its accuracy variant: no entropy)",
+             _liger(True, accuracy=True)),
 ]
 
 
