@@ -186,6 +186,13 @@ def _run_comm(vocabs, out: Path | None) -> list[dict]:
     print("measuring vocabulary-parallel communication (gloo)...", flush=True)
     rows = comm.measure(vocabs, out_dir=out)
     for r in rows:
+        if r.get("kind") == "linear":
+            print(f"comm world {r['world']} vocab {r['vocab']:7d} fused head "
+                  f"{r['fused_bytes_per_token']:8.1f} B/token (sequence-parallel "
+                  f"{r['fused-sp_bytes_per_token']:.1f}), gather logits "
+                  f"{r['gather-logits_bytes_per_token']:10.1f}, gather weight "
+                  f"{r['gather-weight_bytes_per_token']:10.1f} B/token", flush=True)
+            continue
         print(f"comm world {r['world']} vocab {r['vocab']:7d} accuracy {r['accuracy']!s:5s} "
               f"fusedce {r['fusedce_bytes_per_token']:8.1f} B/token, gather "
               f"{r['gather_bytes_per_token']:10.1f} B/token", flush=True)

@@ -85,9 +85,9 @@ def _linear_lines(results: list[dict]) -> list[str]:
 
 
 def _comm_lines(comm_rows: list[dict]) -> list[str]:
-    comm = [r for r in comm_rows if not r["accuracy"]]
+    comm = [r for r in comm_rows if r.get("kind") != "linear" and not r["accuracy"]]
     if not comm:
-        return []
+        return _linear_comm_lines([r for r in comm_rows if r.get("kind") == "linear"])
     worlds = sorted({r["world"] for r in comm})
     lines = ["Vocabulary-parallel communication, measured payload per token per rank "
              f"(bf16, forward + backward, {', '.join(map(str, worlds))} gloo ranks; "
@@ -97,6 +97,25 @@ def _comm_lines(comm_rows: list[dict]) -> list[str]:
         row = next(r for r in comm if r["vocab"] == vocab)
         lines.append(f"| {vocab} | {row['fusedce_bytes_per_token']:.0f} B | "
                      f"{row['gather_bytes_per_token']:.0f} B |")
+    return lines + [""] + _linear_comm_lines([r for r in comm_rows if r.get("kind") == "linear"])
+
+
+def _linear_comm_lines(rows: list[dict]) -> list[str]:
+    """The fused LM head's measured payload per token per rank, by vocabulary (first world)."""
+    if not rows:
+        return []
+    world = min(r["world"] for r in rows)
+    rows = sorted((r for r in rows if r["world"] == world), key=lambda r: r["vocab"])
+    lines = ["Fused LM head, measured payload per token per rank (bf16, hidden "
+             f"{rows[0]['hidden']}, {rows[0]['tokens']} tokens, forward + backward, {world} gloo "
+             "ranks):", "",
+             "| vocab | vocabulary-parallel | sequence-parallel | gathering the logits | "
+             "gathering the weight |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['vocab']} | {r['fused_bytes_per_token']:.0f} B | "
+                     f"{r['fused-sp_bytes_per_token']:.0f} B | "
+                     f"{r['gather-logits_bytes_per_token']:.0f} B | "
+                     f"{r['gather-weight_bytes_per_token']:.0f} B |")
     return lines + [""]
 
 

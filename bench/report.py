@@ -66,11 +66,23 @@ def comm_table(comm: list[dict]) -> str:
     head = ("| ranks | vocab | accuracy | fusedce bytes/token | gather-logits bytes/token | "
             "ratio |")
     lines = [head, "|---|---|---|---|---|---|"]
-    for r in comm:
+    linear = [r for r in comm if r.get("kind") == "linear"]
+    for r in (r for r in comm if r.get("kind") != "linear"):
         ratio = r["gather_bytes_per_token"] / max(r["fusedce_bytes_per_token"], 1e-9)
         lines.append(f"| {r['world']} | {r['vocab']} | {r['accuracy']} | "
                      f"{r['fusedce_bytes_per_token']:.0f} | {r['gather_bytes_per_token']:.0f} | "
                      f"{ratio:.0f}× |")
+    if linear:
+        lines += ["", "Fused LM head (hidden size and tokens per row; bf16; per rank):", "",
+                  "| ranks | vocab | hidden | tokens | fusedce vocab-parallel | fusedce "
+                  "sequence-parallel | gather logits | gather weight |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in linear:
+            lines.append(
+                f"| {r['world']} | {r['vocab']} | {r['hidden']} | {r['tokens']} | "
+                f"{r['fused_bytes_per_token']:.0f} | {r['fused-sp_bytes_per_token']:.0f} | "
+                f"{r['gather-logits_bytes_per_token']:.0f} | "
+                f"{r['gather-weight_bytes_per_token']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from .functional import (
     cross_entropy_dtensor,
     linear_cross_entropy,
     linear_cross_entropy_dtensor,
+    linear_cross_entropy_head,
     token_logprobs,
 )
 from .module import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -37,6 +38,7 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_dtensor",
     "linear_cross_entropy_dtensor",
+    "linear_cross_entropy_head",
     "linear_cross_entropy",
     "token_logprobs",
     # Next-token and multi-token losses that take the labels as they come.

@@ -194,6 +194,18 @@ def vocab_parallel_forward(
     return outputs, grad
 
 
+def _all_gather_single(out: Tensor, x: Tensor, group) -> None:
+    """``all_gather_single`` (``all_gather_into_tensor`` before PyTorch 2.13)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+
+
+def _reduce_scatter_single(out: Tensor, x: Tensor, op, group) -> None:
+    """``reduce_scatter_single`` (``reduce_scatter_tensor`` before PyTorch 2.13)."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, x, op=op, group=group)
+
+
 class GatherTokens(torch.autograd.Function):
     """Sequence parallelism: this rank's (n, H) slice of the tokens gathered into the group's
     (world * n, H) in rank order; the backward reduce-scatters (sums over ranks the partial
@@ -204,7 +216,7 @@ class GatherTokens(torch.autograd.Function):
         ctx.group = group
         world = dist.get_world_size(group)
         out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -212,8 +224,7 @@ class GatherTokens(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         out = torch.empty((grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype,
                           device=grad.device)
-        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM,
-                                   group=ctx.group)
+        _reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         return out, None
 
 

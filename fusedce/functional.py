@@ -303,6 +303,60 @@ def linear_cross_entropy_dtensor(input, linear_weight, target: Tensor, *, linear
                                 sequence_parallel=sequence_parallel, **kwargs)
 
 
+def call_in_module(module: torch.nn.Module, fn: Callable, *args, **kwargs):
+    """``fn(module, *args, **kwargs)`` run as ``module``'s forward, through ``module(...)``: the
+    hooks of whatever wraps the module run around it.  For an LM head that is its own
+    ``fully_shard`` unit, FSDP2 gathers the weight once (in its mixed-precision dtype) before
+    the call, frees it after, and reduce-scatters its gradient in the backward like any other
+    parameter's; the fused loss then reads ``module.weight`` as a plain tensor.  A module
+    without forward hooks (nor global ones) is not called: ``fn`` runs directly."""
+    hooked = (module._forward_pre_hooks or module._forward_hooks
+              or torch.nn.modules.module._global_forward_pre_hooks
+              or torch.nn.modules.module._global_forward_hooks)
+    if not hooked:  # nothing wraps the call: the same, without swapping the forward
+        return fn(module, *args, **kwargs)
+    saved = module.__dict__.get("forward")
+    module.forward = lambda *a, **k: fn(module, *a, **k)
+    try:
+        return module(*args, **kwargs)
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def linear_cross_entropy_head(head: torch.nn.Module, input: Tensor, target: Tensor,
+                              **kwargs) -> Tensor | tuple:
+    """``linear_cross_entropy(input, head.weight, target, linear_bias=head.bias, **kwargs)``
+    computed inside ``head``'s call (``call_in_module``), so that a head wrapped by FSDP2's
+    ``fully_shard`` (or any wrapper that gathers parameters in forward hooks) gives the
+    unwrapped head's answer and gradients.  ``head`` is an ``nn.Linear``-like module (its
+    ``weight`` (C, H) and ``bias`` (C,) or None); a weight that is a DTensor sharded on the
+    vocabulary inside the call (tensor parallelism, alone or under FSDP2 on a 2-D mesh) goes
+    to ``linear_cross_entropy_dtensor``."""
+    if "linear_bias" in kwargs:
+        raise TypeError("linear_cross_entropy_head takes the bias from head.bias")
+
+    def loss(module, hidden, labels):
+        from torch.distributed.tensor import DTensor
+
+        bias = getattr(module, "bias", None)
+        if isinstance(module.weight, DTensor):  # tensor parallel (also inside FSDP2 x TP)
+            return linear_cross_entropy_dtensor(hidden, module.weight, labels,
+                                                linear_bias=bias, **kwargs)
+        return linear_cross_entropy(hidden, module.weight, labels, linear_bias=bias, **kwargs)
+
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(head.weight, DTensor) and not isinstance(head, FSDPModule):
+        # A tensor-parallel head (ColwiseParallel): its own hooks would redistribute the call's
+        # inputs and output; its weight is read as the DTensor it is.
+        return loss(head, input, target)
+    return call_in_module(head, loss, input, target)
+
+
 def linear_options(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                    linear_bias: Tensor | None = None, weight: Tensor | None = None,
                    reduction: str = "mean", ignore_index: int = -100,
@@ -386,7 +440,7 @@ def prepare_linear_cross_entropy(options: dict) -> Callable[[], Tensor | tuple]:
     # Sequence parallelism: the targets of every rank's tokens (their count checked across
     # ranks before the hidden states are gathered).
     checks.check_class_target(input if not options["sequence_parallel"] else
-                              input.new_empty(target.shape + input.shape[-1:], device="meta"),
+                              input.new_zeros(()).expand(*target.shape, input.shape[-1]),
                               target,
                               class_dim=None)
     checks.check_weight(weight, None if group is not None else n_classes, input.device)

@@ -11,8 +11,8 @@ fewest there are; but for a 16-bit head the weight gradient needs a float32 (C, 
 read and written by every chunk.  Used for float32 heads (the accumulator is the gradient
 itself), without a weight gradient, and under ``batch_invariant`` (fixed chunk shapes).
 
-``"vocab"``: the vocabulary in tiles, for 16-bit heads whose gradient is wanted.  Pass 1 makes
-each tile's logits (in row blocks) and keeps only per-row partial statistics (max, sum of
+``"vocab"``: the vocabulary in tiles, for 16-bit heads whose gradient is wanted, on CUDA.  Pass 1
+makes each tile's logits (in row blocks) and keeps only per-row partial statistics (max, sum of
 exponentials, smoothing and entropy sums, first argmax, the target logit); they are merged as the
 vocabulary-parallel loss merges ranks' (``fusedce.distributed``).  Pass 2 makes each tile's logits
 again, writes their gradient from the merged statistics as 16-bit values into one (N, tile)
@@ -59,6 +59,17 @@ _16_BIT = (torch.bfloat16, torch.float16)
 
 def check_linear_inputs(input, linear_weight, linear_bias) -> int:
     """Check hidden states, LM head and bias; return the number of classes."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in (("input", input), ("linear_weight", linear_weight),
+                    ("linear_bias", linear_bias)):
+        if isinstance(t, DTensor):
+            raise TypeError(
+                f"{name} is a DTensor: for a tensor-parallel head (Shard(0) over its mesh) call "
+                "fusedce.linear_cross_entropy_dtensor; for a head that is its own FSDP2 "
+                "fully_shard unit call fusedce.linear_cross_entropy_head(head, input, target), "
+                "which runs inside the head's call so FSDP2 gathers the weight and "
+                "reduce-scatters its gradient")
     checks.check_tensor("input", input)
     checks.check_tensor("linear_weight", linear_weight)
     if input.dim() < 1 or not input.is_floating_point():
@@ -143,13 +154,17 @@ def policy(name: str | None):
 
 
 def choose_policy(w: Tensor, need_w: bool, invariant: bool) -> str:
-    """``"vocab"`` for a 16-bit head whose gradient is wanted (no float32 (C, H) accumulator),
-    else ``"rows"`` (three products; the only policy under ``batch_invariant``)."""
+    """``"vocab"`` for a 16-bit head whose gradient is wanted, on a device with 16-bit products
+    that give float32 results (CUDA): no float32 (C, H) accumulator.  Else ``"rows"``: three
+    products, the only policy under ``batch_invariant``, and the faster one where 16-bit heads
+    are upcast to float32 for the products anyway (the CPU: the tiles' smaller products cost
+    more there than the accumulator saves)."""
     if invariant:
         return "rows"
     if _POLICY["policy"] is not None:
         return _POLICY["policy"]
-    return "vocab" if need_w and w.dtype in _16_BIT else "rows"
+    native = w.dtype in _16_BIT and _has_mm_out_dtype(w.device)
+    return "vocab" if need_w and native else "rows"
 
 
 def vocab_plan(n_rows: int, n_cols: int, chunk_bytes: int,

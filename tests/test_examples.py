@@ -36,6 +36,7 @@ def test_vocab_parallel_torchrun():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("max gradient difference") == 2
+    assert done.stdout.count("max fused gradient difference") == 2
 
 
 def test_grpo_tiny(capsys):

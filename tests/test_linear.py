@@ -243,14 +243,20 @@ def test_vocab_policy_statistics_match_the_rows_policy(impl, device, small_tiles
         assert rel_err(b_, a) <= 1e-5
 
 
-def test_default_policy():
+def test_default_policy(monkeypatch):
+    from fusedce import linear
     from fusedce.linear import choose_policy, policy
 
     w16, w32 = torch.zeros(4, 2, dtype=torch.bfloat16), torch.zeros(4, 2)
+    # Where 16-bit products give float32 results (CUDA), a 16-bit head's gradient is tiled.
+    monkeypatch.setattr(linear, "_has_mm_out_dtype", lambda device: True)
     assert choose_policy(w16, need_w=True, invariant=False) == "vocab"
     assert choose_policy(w16, need_w=False, invariant=False) == "rows"
     assert choose_policy(w32, need_w=True, invariant=False) == "rows"
     assert choose_policy(w16, need_w=True, invariant=True) == "rows"
+    # Where they do not (the CPU: 16-bit heads upcast), rows.
+    monkeypatch.setattr(linear, "_has_mm_out_dtype", lambda device: False)
+    assert choose_policy(w16, need_w=True, invariant=False) == "rows"
     with policy("vocab"):
         assert choose_policy(w32, need_w=False, invariant=False) == "vocab"
         assert choose_policy(w32, need_w=True, invariant=True) == "rows"

@@ -59,7 +59,8 @@ def run(out: Path) -> dict:
         # The LM head as a whole (fused linear cross-entropy), modelled from each contender's
         # operations (bench/model/linear.py), with published measurements beside it.
         "linear": {"assumptions": linear.ASSUMPTIONS, "predictions": linear.predictions(),
-                   "published": linear.PUBLISHED},
+                   "published": linear.PUBLISHED,
+                   "vocab_parallel": linear.vocab_parallel_predictions()},
         "traffic": traffic["cases"],
         "kernels": code["kernels"],
     }

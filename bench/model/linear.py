@@ -290,6 +290,52 @@ def predictions() -> list[dict]:
     return out
 
 
+NVLINK_BYTES_PER_S = 450e9  # H100/H200 SXM NVLink 4: 900 GB/s both ways, 450 GB/s each way
+COLLECTIVE_LATENCY_S = 10e-6  # assumed fixed cost of one collective on a node
+
+
+def _ring(bytes_: float, world: int, kind: str) -> float:
+    """A ring collective's time: all-reduce moves 2 (w-1)/w of the buffer each way, all-gather
+    and reduce-scatter (w-1)/w."""
+    share = 2 * (world - 1) / world if kind == "all_reduce" else (world - 1) / world
+    return COLLECTIVE_LATENCY_S + bytes_ * share / NVLINK_BYTES_PER_S
+
+
+def vocab_parallel_predictions(shape=(8192, 4096, 151936), worlds=(2, 4, 8)) -> list[dict]:
+    """The vocabulary-parallel fused head per rank (its 1/world of the classes), with and
+    without sequence parallelism: the rank's tiled pass (``fusedce_vocab`` at V / world), the
+    statistics' all-reduces (N maxima, 4N sums) and ``grad_input``'s float32 all-reduce, or the
+    hidden states' all-gather and the gradient's reduce-scatter in bf16; bytes each rank sends
+    per token beside."""
+    n, h, v = shape
+    out = []
+    for gpu in GPUS:
+        for world in worlds:
+            local = fusedce_vocab(gpu, n, h, -(-v // world))
+            compute = sum(op.seconds for op in local.ops)
+            stats = _ring(n * 4, world, "all_reduce") + _ring(n * 16, world, "all_reduce")
+            for sequence_parallel in (False, True):
+                if sequence_parallel:
+                    comm = stats + _ring(n * h * 2, world, "all_gather") + \
+                        _ring(n * h * 2, world, "reduce_scatter")
+                    sent = 20 + 2 * h * 2 * (world - 1) / world
+                else:
+                    comm = stats + _ring(n * h * 4, world, "all_reduce")
+                    sent = 20 + h * 4 * 2 * (world - 1) / world
+                out.append({
+                    "workload": "linear:fusedce_vocab_parallel" + ("_sp" if sequence_parallel
+                                                                   else ""),
+                    "gpu": gpu.name, "ranks": world, "tokens": n, "hidden": h, "vocab": v,
+                    "sequence_parallel": sequence_parallel,
+                    "compute_ms": round(compute * 1e3, 2), "comm_ms": round(comm * 1e3, 2),
+                    "predicted_ms": round((compute + comm) * 1e3, 2),
+                    "single_gpu_floor_ms": round(gemm_floor(gpu, n, h, v) * 1e3, 2),
+                    "ring_bytes_sent_per_token": round(sent, 1),
+                    "peak_extra_gib": round(local.peak_extra_bytes / GIB, 2),
+                })
+    return out
+
+
 ASSUMPTIONS = (f"bf16 products at {GEMM_EFFICIENCY:.0%} of the {BF16_PEAK / 1e12:.0f} TFLOP/s "
                "dense peak (TRL's measured 42 ms for this head's three products, trl#7244), "
                f"float32 products at the {FP32_PEAK / 1e12:.0f} TFLOP/s FP32 peak, wave "

@@ -72,6 +72,20 @@ def linear_table(data: dict, shapes: list[tuple[int, int, int]] | None = None,
                    "published measurement"], rows)
 
 
+def vocab_parallel_table(data: dict) -> str:
+    """The vocabulary-parallel fused head per rank (model)."""
+    rows = [[p["ranks"], p["gpu"], "yes" if p["sequence_parallel"] else "no",
+             f"{p['compute_ms']:.1f}", f"{p['comm_ms']:.2f}", f"{p['predicted_ms']:.1f}",
+             f"{p['single_gpu_floor_ms']:.1f}", f"{p['ring_bytes_sent_per_token']:.0f}",
+             f"{p['peak_extra_gib']:.2f}"]
+            for p in data.get("linear", {}).get("vocab_parallel", [])]
+    if not rows:
+        return ""
+    return _table(["ranks", "GPU", "sequence parallel", "compute ms", "collectives ms",
+                   "predicted ms per rank", "one-GPU GEMM floor ms", "bytes sent per token",
+                   "peak extra GiB"], rows)
+
+
 def _split_time(p: dict) -> str:
     overhead = p["launch_ms"] + p["sync_ms"]
     return (f"{p['kernel_ms']:.3f} + {overhead:.3f} = {p['predicted_ms']:.3f} "
@@ -184,6 +198,14 @@ def markdown(data: dict) -> str:
         + (data["linear"]["assumptions"] if "linear" in data else "") + ".",
         "",
         linear_table(data),
+        "### Vocabulary-parallel fused head, 8192 x 4096 x 151936, per rank (model)",
+        "",
+        "Each rank's tiled pass over its share of the classes, the statistics' all-reduces and "
+        "grad_input's float32 all-reduce (or, with sequence parallelism, the hidden states' "
+        "all-gather and the gradient's reduce-scatter in bf16), ring collectives over NVLink 4 "
+        "(450 GB/s each way) with 10 us each; the bytes a rank sends per token (ring).",
+        "",
+        vocab_parallel_table(data),
         "## Every shape",
         "",
         _all_shapes_table(data),

@@ -155,10 +155,16 @@ def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-    loss = fused_head_loss(outputs.last_hidden_state, self.lm_head.weight, self.lm_head.bias,
-                           labels, shift_labels, self.config, position_ids=position_ids,
-                           attention_mask=attention_mask,
-                           num_items_in_batch=kwargs.get("num_items_in_batch")).float()
+    # Inside the head's call: a head wrapped on its own (FSDP2's fully_shard) is gathered for
+    # it and its gradient reduce-scattered, as for any other layer.
+    from ..functional import call_in_module
+
+    loss = call_in_module(
+        self.lm_head, lambda head, hidden: fused_head_loss(
+            hidden, head.weight, head.bias, labels, shift_labels, self.config,
+            position_ids=position_ids, attention_mask=attention_mask,
+            num_items_in_batch=kwargs.get("num_items_in_batch")),
+        outputs.last_hidden_state).float()
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)

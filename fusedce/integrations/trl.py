@@ -30,6 +30,7 @@ from torch import Tensor
 
 import fusedce
 
+from ..functional import call_in_module
 from ..shifted import shifted_targets
 from .transformers import fused_head_loss, packed_positions
 
@@ -68,19 +69,25 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
+        def head_loss(head, hidden):
+            # Inside the head's call: a head wrapped on its own (FSDP2's fully_shard) is
+            # gathered for it and its gradient reduce-scattered, as for any other layer.
+            weight, bias = head.weight, head.bias
+            if cast_lm_head_to_fp32:
+                hidden, weight = hidden.float(), weight.float()
+                bias = bias.float() if bias is not None else None
+            return fused_head_loss(
+                hidden, weight, bias, labels, shift_labels, config,
+                position_ids=kwargs.get("position_ids"),
+                attention_mask=kwargs.get("attention_mask"), reduction="none",
+                temperature=temperature, return_stats=with_stats,
+                differentiable_stats="entropy" in outputs, out_dtype=torch.float32)
+
         head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if cast_lm_head_to_fp32:
-            hidden, weight = hidden.float(), weight.float()
-            bias = bias.float() if bias is not None else None
-        out = fused_head_loss(
-            hidden, weight, bias, labels, shift_labels, config,
-            position_ids=kwargs.get("position_ids"), attention_mask=kwargs.get("attention_mask"),
-            reduction="none", temperature=temperature, return_stats=with_stats,
-            differentiable_stats="entropy" in outputs, out_dtype=torch.float32)
+        out = call_in_module(head, head_loss, hidden)
         nll, stats = out if with_stats else (out, None)
         aligned, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
-        aligned = aligned.to(weight.device)
+        aligned = aligned.to(hidden.device)
         positions = packed_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"),
                                      aligned)
         mask = shifted_targets(aligned, shift, position_ids=positions) != -100
