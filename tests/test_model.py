@@ -130,6 +130,9 @@ def test_model_sees_a_spilling_kernel(toy_code):
     assert all(loop["local_ops"] == 0 for loop in lean["loops"])
     assert hungry["local_bytes"] > 0
     assert max(loop["local_ops"] for loop in hungry["loops"]) > 0
+    # ptxas -v on the same PTX agrees (where a ptxas that reads Triton's PTX is shipped).
+    if lean["ptxas"]:
+        assert lean["ptxas"]["spill_stores"] == 0 and hungry["ptxas"]["spill_stores"] > 0
     fast, slow = _toy_prediction(lean), _toy_prediction(hungry)
     assert fast["local_bytes_per_logit"] == 0 and fast["spill_bytes"] == 0
     assert slow["local_bytes_per_logit"] > 0 and slow["spill_bytes"] > 0
@@ -177,6 +180,7 @@ def test_code_at_the_headline_shapes(tmp_path):
     for key in fusedce:
         kernel = code["kernels"][key]
         assert kernel["local_bytes"] == 0, (key, kernel["local_bytes"])
+        assert kernel["ptxas"].get("spill_stores", 0) == 0, (key, kernel["ptxas"])
     for case in code["cases"]:
         if not case["workload"].startswith("fusedce"):
             continue

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 # The pages in the order their blocks build on each other.
 PAGES = [README] + [ROOT / "docs" / f"{name}.md" for name in (
-    "reference", "shifts", "rl", "integrations", "fused-linear", "distributed", "diagnostics")]
+    "reference", "shifts", "rl", "integrations", "fused-linear", "distributed", "diagnostics",
+    "distillation")]
 ALL_PAGES = sorted({README, *(ROOT / "docs").glob("*.md")})
 
 

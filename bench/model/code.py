@@ -56,6 +56,8 @@ class KernelCode:
     # Code outside every loop, run once per program (straight line: both sides of a branch
     # counted, so the whole-path figures are an upper bound by the branch not taken).
     outside: dict = dataclasses.field(default_factory=dict)
+    # ``ptxas -v`` on the same PTX: stack frame, spill stores and spill loads (bytes).
+    ptxas: dict = dataclasses.field(default_factory=dict)
 
 
 def _op(text: str) -> str:
@@ -136,7 +138,35 @@ def compile_launch(fn, args: tuple, kwargs: dict, arch: int = 90) -> KernelCode:
                               text=True, check=True).stdout
     finally:
         os.unlink(path)
-    return kernel_code(fn.__name__, options.num_warps, kwargs.get("BLOCK_SIZE"), usage, sass)
+    code = kernel_code(fn.__name__, options.num_warps, kwargs.get("BLOCK_SIZE"), usage, sass)
+    code.ptxas = ptxas_spills(kernel.asm["ptx"], arch)
+    return code
+
+
+_PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads")
+
+
+def ptxas_spills(ptx: str, arch: int = 90) -> dict:
+    """``ptxas -v`` of the kernel's PTX (the ptxas Triton ships that reads its PTX version):
+    {"stack": bytes, "spill_stores": bytes, "spill_loads": bytes}, or {} if none runs."""
+    with tempfile.NamedTemporaryFile(suffix=".ptx", delete=False, mode="w") as f:
+        f.write(ptx)
+        path = f.name
+    try:
+        for name in ("ptxas-blackwell", "ptxas"):
+            tool = _tool(name)
+            if not os.path.exists(tool):
+                continue
+            done = subprocess.run([tool, "-v", f"--gpu-name=sm_{arch}a", path, "-o", os.devnull],
+                                  capture_output=True, text=True)
+            found = _PTXAS_LINE.search(done.stdout + done.stderr)
+            if done.returncode == 0 and found:
+                stack, stores, loads = (int(v) for v in found.groups())
+                return {"stack": stack, "spill_stores": stores, "spill_loads": loads}
+    finally:
+        os.unlink(path)
+    return {}
 
 
 def kernel_code(name: str, num_warps: int, block_size: int | None, usage: str,

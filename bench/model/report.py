@@ -127,6 +127,7 @@ def _all_shapes_table(data: dict) -> str:
 def _code_table(data: dict) -> str:
     """One row per distinct compiled launch at the headline shapes (H100 occupancy)."""
     head = ["workload", "dtype", "vocab", "kernel", "warps", "registers", "spills (B)",
+            "ptxas stack / spill stores / loads (B)",
             "programs/SM", "rows in flight (MB)", "L2 hit", "loop bodies: instr/elem, EX2/elem",
             "whole path: instr/logit, EX2/logit, spill B/logit", "bound",
             "loads", "stores"]
@@ -142,6 +143,8 @@ def _code_table(data: dict) -> str:
             loops = launch["loops"]
             rows.append([p["workload"], p["dtype"], p["vocab"], launch["kernel"],
                          launch["num_warps"], launch["registers"], launch["spill_bytes"],
+                         "/".join(str(launch.get("ptxas_spills", {}).get(k, "—"))
+                                  for k in ("stack", "spill_stores", "spill_loads")),
                          launch["programs_per_sm"], launch["in_flight_mb"], launch["l2_hit"],
                          "; ".join(f"{lp['instructions']:.1f}, {lp['ex2']:.2f}"
                                    for lp in loops) or "—",

@@ -170,6 +170,7 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
         launches.append({
             "kernel": code["kernel"], "grid": grid, "num_warps": code["num_warps"],
             "registers": code["registers"], "spill_bytes": code["local_bytes"],
+            "ptxas_spills": code.get("ptxas", {}),
             "programs_per_sm": programs_per_sm(code, gpu),
             "in_flight_mb": round(in_flight / 1e6, 1), "l2_hit": round(hit, 3),
             "bytes_per_logit": {k: round(v, 3) for k, v in per_logit.items()},

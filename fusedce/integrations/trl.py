@@ -107,8 +107,64 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = types.MethodType(forward, model)
 
 
+def generalized_jsd_loss(student_logits: Tensor, teacher_logits: Tensor,
+                         labels: Tensor | None = None, beta: float = 0.5,
+                         temperature: float = 1.0, reduction: str = "batchmean",
+                         num_items_in_batch=None) -> Tensor:
+    """``trl.GKDTrainer.generalized_jsd_loss``'s signature and results, computed by
+    ``fusedce.distillation_loss(divergence="jsd")`` in one pass over the logits (no
+    log-probability, mixture or per-element KL tensors).  Positions whose label is -100 are
+    left out; ``num_items_in_batch`` divides the sum; otherwise ``"batchmean"`` divides it by
+    the counted positions (by the first dimension without labels), ``"sum"`` does not, and
+    ``"mean"`` divides by the counted positions times the vocabulary (TRL's mean over
+    elements).  ``"none"`` returns TRL's per-element divergences of the counted positions,
+    computed unfused (a logits-sized result).  The teacher gets no gradient."""
+    from ..distill import distillation_loss
+
+    teacher_logits = teacher_logits.detach()
+    if reduction == "none":
+        return _jsd_per_element(student_logits, teacher_logits, labels, beta, temperature)
+    total = distillation_loss(student_logits, teacher_logits, labels, divergence="jsd",
+                              beta=beta, temperature=temperature, reduction="sum")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    counted = (labels != -100).sum() if labels is not None else None
+    if reduction == "batchmean":
+        denom = counted.clamp(min=1) if counted is not None else max(student_logits.shape[0], 1)
+        return total / denom
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        cells = (counted if counted is not None else student_logits.numel()
+                 // student_logits.shape[-1]) * student_logits.shape[-1]
+        return total / cells
+    raise ValueError(f"reduction must be 'batchmean', 'sum', 'mean' or 'none', got "
+                     f"{reduction!r}")
+
+
+def _jsd_per_element(student: Tensor, teacher: Tensor, labels: Tensor | None, beta: float,
+                     temperature: float) -> Tensor:
+    """Per-element generalized JSD terms of the counted positions (written from the
+    definition: beta * p (log p - log m) + (1 - beta) * q (log q - log m))."""
+    import math
+
+    log_q = torch.log_softmax(student / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher / temperature, dim=-1)
+    if beta == 0:
+        out = log_p.exp() * (log_p - log_q)
+    elif beta == 1:
+        out = log_q.exp() * (log_q - log_p)
+    else:
+        log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+        out = beta * log_p.exp() * (log_p - log_m) + (1 - beta) * log_q.exp() * (log_q - log_m)
+    return out[labels != -100] if labels is not None else out
+
+
 def apply() -> None:
-    """Make TRL's trainers patch their models with fusedce's ``add_fused_lm_head``; a trainer
+    """Make TRL's trainers patch their models with fusedce's ``add_fused_lm_head``, and
+    ``GKDTrainer`` compute its loss with fusedce's ``generalized_jsd_loss``; a trainer
     that asks for outputs fusedce does not compute (KTO's and DPO's ``mean_logits``,
     ``log_sum_sq_probs``) keeps TRL's own head, for its reference model too.
 
@@ -125,6 +181,24 @@ def apply() -> None:
         if hasattr(module, "add_fused_lm_head") and name not in _ORIGINALS:
             original = _ORIGINALS[name] = module.add_fused_lm_head
             module.add_fused_lm_head = _dispatcher(original)
+    gkd = _gkd_trainer()
+    if gkd is not None and "gkd" not in _ORIGINALS:
+        _ORIGINALS["gkd"] = gkd.__dict__["generalized_jsd_loss"]
+        gkd.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
+
+
+def _gkd_trainer():
+    """TRL's ``GKDTrainer`` class (under ``trl.experimental`` in recent TRL), or None."""
+    import warnings
+
+    for path in ("trl.experimental.gkd.gkd_trainer", "trl.trainer.gkd_trainer"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return importlib.import_module(path).GKDTrainer
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
 def _dispatcher(original):
@@ -148,7 +222,10 @@ def _dispatcher(original):
 def revert() -> None:
     """Give TRL's trainers back TRL's own fused LM head."""
     for name, original in list(_ORIGINALS.items()):
-        importlib.import_module(f"trl.trainer.{name}").add_fused_lm_head = original
+        if name == "gkd":
+            _gkd_trainer().generalized_jsd_loss = original
+        else:
+            importlib.import_module(f"trl.trainer.{name}").add_fused_lm_head = original
         del _ORIGINALS[name]
 
 

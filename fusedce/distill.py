@@ -1,0 +1,409 @@
+"""Distillation losses from student logits: forward KL, reverse KL and TRL's generalized
+Jensen-Shannon divergence against a teacher given as logits or as its top-k log-probabilities,
+with the gradient of the student logits made in the same pass.
+
+Per counted row, with the student ``q = softmax(input / T)`` and the teacher ``p``
+(``softmax(teacher_logits / T)``, or the top-k teacher below):
+
+* ``forward_kl``: ``KL(p || q) = sum p (log p - log q)``; its gradient with respect to
+  ``v = input / T`` is ``q - p``;
+* ``reverse_kl``: ``KL(q || p)``; gradient ``q * ((log q - log p) - KL(q || p))``;
+* ``jsd``: ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) *
+  q`` (Agarwal et al., "On-Policy Distillation of Language Models", 2024, eq. 1, as
+  ``trl.GKDTrainer.generalized_jsd_loss`` computes it, ``beta = 0`` and ``beta = 1`` being
+  forward and reverse KL); gradient ``(1 - beta) * q * ((log q - log m) - KL(q || m))`` (the
+  teacher's term has none: ``sum_k dm_k = 0``).
+
+The gradient with respect to ``input`` is that divided by ``T`` (no ``T^2`` factor: TRL's
+convention).  With a top-k teacher (``teacher_topk_ids`` (N, k), ``teacher_topk_logprobs``
+(N, k): the teacher's full-vocabulary log-probabilities of those ids, as vLLM returns them; id
+-1 marks an unused slot) the distributions are over buckets: with ``tail="bucket"`` the k ids
+and one tail bucket holding the rest of each distribution's mass (a true divergence between
+two (k+1)-bucket distributions; the student's tail mass is computed from its other columns,
+not as ``1 - sum``); with ``tail="renormalize"`` both renormalised over the k ids.  For a
+bucket ``b`` holding column ``c`` the gradient is ``q_c * G_b``, ``G_b`` being the formula
+above with bucket masses (``1 - p_b / q_b`` for forward KL).  The top-k log-probabilities are
+taken as the teacher's distribution as it was sampled: ``temperature`` divides the student's
+logits only.
+
+``hard_loss_weight = a`` adds ``a`` times the cross-entropy of ``input`` (at temperature 1)
+against ``target``.  Rows whose ``target`` is ``ignore_index`` are not counted (no loss, no
+gradient); ``mean`` divides by the counted rows (or ``num_items_in_batch``); ``token_weight``
+multiplies each row.
+
+The pass runs over chunks of rows in float32 (``CHUNK_ELEMENTS`` logits at a time), so the
+extra memory is a few float32 chunks besides the gradient (or none with
+``inplace_backward``); the logits of the student and the teacher are read once.  This is the
+PyTorch implementation; the Triton kernels do not cover distillation yet (``impl="triton"``
+raises, ``"auto"`` takes this one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import checks
+
+CHUNK_ELEMENTS = 1 << 22
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TAILS = ("bucket", "renormalize")
+
+
+class DistillationStats(NamedTuple):
+    """``return_stats=True``: per-row divergence (0 for rows not counted), the student's
+    entropy (of ``softmax(input / T)``), and the share of counted rows whose student argmax is
+    the teacher's (its argmax column, or its most probable top-k id)."""
+
+    divergence: Tensor
+    entropy: Tensor
+    agreement: Tensor
+
+
+class _Teacher(NamedTuple):
+    logits: Tensor | None  # (N, C)
+    ids: Tensor | None  # (N, k) int64, -1 unused
+    logprobs: Tensor | None  # (N, k) float32
+
+
+class _Options(NamedTuple):
+    divergence: str
+    beta: float
+    temperature: float
+    tail: str
+    hard_loss_weight: float
+    ignore_index: int
+
+
+def _log_mixture(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
+    """log(beta * p + (1 - beta) * q), stably."""
+    return torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+
+
+def _bucket_terms(log_q: Tensor, log_p: Tensor, opts: _Options,
+                  weight_q: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(divergence per row, G per bucket) for bucket log-masses ``log_q``, ``log_p`` (R, B)
+    (``-inf`` for an empty bucket); the student's gradient at a column of bucket ``b`` is
+    ``q_c * G_b``."""
+    q, p = log_q.exp(), log_p.exp()
+    divergence, beta = opts.divergence, opts.beta
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
+        terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
+        g = torch.where(q > 0, 1.0 - p / q, 0.0)
+        return terms.sum(dim=1), g
+    if divergence == "reverse_kl":
+        r = torch.where(q > 0, log_q - log_p, 0.0)
+        kl = (q * r).sum(dim=1)
+        return kl, r - kl.unsqueeze(1)
+    log_m = _log_mixture(log_q, log_p, beta)
+    kl_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(dim=1)
+    s = torch.where(q > 0, log_q - log_m, 0.0)
+    kl_q = (q * s).sum(dim=1)
+    return beta * kl_p + (1 - beta) * kl_q, (1 - beta) * (s - kl_q.unsqueeze(1))
+
+
+def _chunk(x: Tensor, teacher: _Teacher, target: Tensor | None, opts: _Options,
+           want_grad: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """One chunk of rows: (divergence + hard loss per row, gradient of the logits or None,
+    divergence per row, student entropy per row, agreement per row), all float32."""
+    z = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    t = opts.temperature
+    v = z / t if t != 1.0 else z
+    log_q = torch.log_softmax(v, dim=1)
+    q = log_q.exp()
+    entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(dim=1)
+    student_top = z.argmax(dim=1)
+    if teacher.logits is not None:
+        u = teacher.logits.float()
+        log_p = torch.log_softmax(u / t if t != 1.0 else u, dim=1)
+        div, g_bucket = _bucket_terms(log_q, log_p, opts)
+        grad = q * g_bucket if want_grad else None
+        teacher_top = u.argmax(dim=1)
+    else:
+        ids, valid = teacher.ids.clamp(min=0), teacher.ids >= 0
+        lq_ids = torch.where(valid, log_q.gather(1, ids), -math.inf)
+        lp_ids = torch.where(valid, teacher.logprobs.float(), -math.inf)
+        if opts.tail == "bucket":
+            # The tail masses: the student's from its other columns (exact), the teacher's
+            # from what its k log-probabilities leave (clamped at 0).
+            others = v.clone()
+            rows = torch.arange(v.shape[0], device=v.device).unsqueeze(1).expand_as(ids)
+            others[rows[valid], ids[valid]] = -math.inf
+            lq_tail = torch.logsumexp(others, dim=1) - torch.logsumexp(v, dim=1)
+            p_tail = (1.0 - lp_ids.exp().sum(dim=1)).clamp(min=0.0)
+            lp_tail = torch.where(p_tail > 0, p_tail.log(), -math.inf)
+            div, g_bucket = _bucket_terms(torch.cat([lq_ids, lq_tail[:, None]], dim=1),
+                                          torch.cat([lp_ids, lp_tail[:, None]], dim=1), opts)
+            grad = None
+            if want_grad:  # the tail's G everywhere, then each used id's own
+                grad = q * g_bucket[:, -1:]
+                grad[rows[valid], ids[valid]] = (q.gather(1, ids) * g_bucket[:, :-1])[valid]
+        else:
+            lq = lq_ids - torch.logsumexp(lq_ids, dim=1, keepdim=True)
+            lp = lp_ids - torch.logsumexp(lp_ids, dim=1, keepdim=True)
+            div, g_bucket = _bucket_terms(lq, lp, opts)
+            grad = None
+            if want_grad:  # zero outside the ids (an unused slot writes nothing)
+                grad = torch.zeros_like(z)
+                rows = torch.arange(z.shape[0], device=z.device).unsqueeze(1).expand_as(ids)
+                grad[rows[valid], ids[valid]] = (lq.exp() * g_bucket)[valid]
+        best = torch.where(valid, teacher.logprobs.float(), -math.inf).argmax(dim=1)
+        teacher_top = teacher.ids.gather(1, best[:, None]).squeeze(1)
+    if grad is not None and t != 1.0:
+        grad = grad / t
+    loss = div
+    if opts.hard_loss_weight and target is not None:
+        log_s = torch.log_softmax(z, dim=1) if t != 1.0 else log_q
+        safe = torch.where(target != opts.ignore_index, target, 0)
+        ce = -log_s.gather(1, safe[:, None]).squeeze(1)
+        loss = loss + opts.hard_loss_weight * ce
+        if grad is not None:
+            g_ce = log_s.exp()
+            g_ce.scatter_add_(1, safe[:, None], torch.full_like(ce[:, None], -1.0))
+            grad = grad + opts.hard_loss_weight * g_ce
+    agree = (student_top == teacher_top).float()
+    return loss, grad, div, entropy, agree
+
+
+class DistillationFunction(torch.autograd.Function):
+    """The distillation pass: ``apply(input, teacher_logits, ids, logprobs, target, factors,
+    opts, inplace)`` returns (per-row loss times ``factors``, divergence, entropy,
+    agreement); the gradient of ``input`` is made in the forward (per-row, times ``factors``)
+    and scaled by ``grad_output`` in the backward."""
+
+    @staticmethod
+    def forward(ctx, input, teacher_logits, ids, logprobs, target, factors, opts, inplace):
+        want_grad = ctx.needs_input_grad[0]
+        n = input.shape[0]
+        grad = None
+        if want_grad:
+            grad = input.detach() if inplace else torch.empty_like(input)
+        rows = max(1, CHUNK_ELEMENTS // max(input.shape[1], 1))
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        outs = [torch.empty(n, dtype=acc, device=input.device) for _ in range(4)]
+        teacher = _Teacher(teacher_logits, ids, logprobs)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            part = _Teacher(*(t[r0:r1] if t is not None else None for t in teacher))
+            loss, g, div, ent, agree = _chunk(input[r0:r1], part,
+                                              target[r0:r1] if target is not None else None,
+                                              opts, want_grad)
+            f = factors[r0:r1]
+            outs[0][r0:r1] = loss * f
+            outs[1][r0:r1] = torch.where(f != 0, div, 0.0)
+            outs[2][r0:r1] = ent
+            outs[3][r0:r1] = agree
+            if g is not None:
+                grad[r0:r1] = g * f[:, None]
+        if grad is not None and inplace:
+            torch.autograd.graph.increment_version(input)
+        ctx.grad = grad
+        ctx.mark_non_differentiable(*outs[1:])
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        from .autograd import refuse_double_backward
+
+        refuse_double_backward("fusedce.distillation_loss")
+        grad, ctx.grad = ctx.grad, None
+        if grad is None or grad_loss is None:
+            return (None,) * 8
+        grad.mul_(grad_loss.to(grad.dtype)[:, None])
+        return grad, None, None, None, None, None, None, None
+
+
+def _check_topk(ids: Tensor, logprobs: Tensor, n_rows: int, n_classes: int) -> None:
+    """Top-k teacher inputs, read on the host: shapes, k, ids in range, no duplicates."""
+    checks.check_tensor("teacher_topk_ids", ids)
+    checks.check_tensor("teacher_topk_logprobs", logprobs)
+    if ids.dim() != 2 or ids.shape[0] != n_rows or tuple(logprobs.shape) != tuple(ids.shape):
+        raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both have shape "
+                         f"({n_rows}, k), got {tuple(ids.shape)} and {tuple(logprobs.shape)}")
+    if ids.is_floating_point() or not logprobs.is_floating_point():
+        raise TypeError("teacher_topk_ids must hold integer ids and teacher_topk_logprobs "
+                        "floating-point log-probabilities")
+    if ids.shape[1] > n_classes:
+        raise ValueError(f"teacher_topk_ids has k = {ids.shape[1]} columns, more than the "
+                         f"{n_classes} classes")
+    host = ids.detach().cpu()
+    bad = (host < -1) | (host >= n_classes)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"teacher_topk_ids[{row}, {col}] = {int(host[row, col])} is outside "
+                         f"[0, {n_classes}) and is not -1 (an unused slot)")
+    used = torch.where(host >= 0, host, -torch.arange(1, host.shape[1] + 1).expand_as(host))
+    ordered = used.sort(dim=1).values
+    dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if dup.any():
+        row = int(dup.nonzero()[0, 0])
+        raise ValueError(f"teacher_topk_ids row {row} holds a duplicate id")
+    if bool((logprobs.detach() > 1e-6).any()):
+        raise ValueError("teacher_topk_logprobs must be log-probabilities (at most 0)")
+
+
+def distillation_loss(
+    input: Tensor,
+    teacher_logits: Tensor | None = None,
+    target: Tensor | None = None,
+    *,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: Literal["bucket", "renormalize"] = "bucket",
+    hard_loss_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: Literal["none", "mean", "sum"] = "mean",
+    num_items_in_batch: int | float | Tensor | None = None,
+    token_weight: Tensor | None = None,
+    impl: Literal["auto", "torch", "triton"] = "auto",
+    inplace_backward: bool = False,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, DistillationStats]:
+    """The divergence of the student ``softmax(input / temperature)`` from a teacher (module
+    docstring), per token, with the gradient of ``input`` made in the same pass.
+
+    Args:
+        input: (..., C) student logits, any float dtype.
+        teacher_logits: (..., C) teacher logits (no gradient: an error if they require one),
+            or None with the top-k teacher.
+        target: (...) hard labels, or None: rows whose label is ``ignore_index`` are not
+            counted; with ``hard_loss_weight`` their cross-entropy is added.
+        teacher_topk_ids, teacher_topk_logprobs: (..., k) the teacher's top-k ids (-1: unused)
+            and their full-vocabulary log-probabilities.
+        divergence: "forward_kl" (KL(p || q)), "reverse_kl" (KL(q || p)) or "jsd" (with
+            ``beta``).
+        tail: for a top-k teacher, "bucket" (the rest of the mass as one bucket) or
+            "renormalize" (both renormalised over the k ids).
+        reduction: "none" (per token, (...)), "mean" (over the counted tokens, or
+            ``num_items_in_batch``) or "sum".
+        token_weight: (...) per-token weights multiplying each token's loss.
+        impl: "auto" or "torch" (the PyTorch implementation); "triton" raises: there are no
+            distillation kernels yet.
+        inplace_backward: write the gradient into ``input``'s storage (its values are gone
+            after the call).
+        return_stats: also return a ``DistillationStats``.
+
+    Returns:
+        The loss (float32 for 16-bit inputs, else the input's dtype), and with ``return_stats``
+        the statistics.
+    """
+    checks.check_tensor("input", input)
+    if input.dim() < 1 or not input.is_floating_point() or input.shape[-1] == 0:
+        raise ValueError(f"input must be floating-point (..., C) student logits, got dtype "
+                         f"{input.dtype} and shape {tuple(input.shape)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "triton":
+        raise NotImplementedError("distillation_loss has no Triton kernels yet: use "
+                                  "impl='torch' or 'auto' (the PyTorch implementation)")
+    n_classes = input.shape[-1]
+    lead = tuple(input.shape[:-1])
+    x = input.reshape(-1, n_classes)
+    n = x.shape[0]
+    ids = logprobs = teacher = None
+    if (teacher_logits is None) == (teacher_topk_ids is None):
+        raise ValueError("give the teacher as teacher_logits, or as teacher_topk_ids with "
+                         "teacher_topk_logprobs (one of the two)")
+    if teacher_logits is not None:
+        checks.check_tensor("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != tuple(input.shape):
+            raise ValueError(f"teacher_logits must have the input's shape {tuple(input.shape)}, "
+                             f"got {tuple(teacher_logits.shape)}")
+        if teacher_logits.requires_grad:
+            raise ValueError("teacher_logits require grad: the teacher gets no gradient; pass "
+                             "teacher_logits.detach() (or compute them under torch.no_grad())")
+        if not teacher_logits.is_floating_point():
+            raise TypeError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
+        teacher = teacher_logits.reshape(-1, n_classes)
+    else:
+        if teacher_topk_logprobs is None:
+            raise ValueError("teacher_topk_ids needs teacher_topk_logprobs")
+        for name, t in (("teacher_topk_logprobs", teacher_topk_logprobs),):
+            if t.requires_grad:
+                raise ValueError(f"{name} require grad: the teacher gets no gradient")
+        checks.check_tensor("teacher_topk_ids", teacher_topk_ids)
+        checks.check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
+        if (teacher_topk_ids.dim() != input.dim()
+                or tuple(teacher_topk_ids.shape[:-1]) != lead
+                or tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape)):
+            raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both have shape "
+                             f"{lead} + (k,), got {tuple(teacher_topk_ids.shape)} and "
+                             f"{tuple(teacher_topk_logprobs.shape)}")
+        k = teacher_topk_ids.shape[-1]
+        ids = teacher_topk_ids.reshape(-1, k)
+        logprobs = teacher_topk_logprobs.reshape(-1, k)
+        _check_topk(ids, logprobs, n, n_classes)
+        ids = ids.to(torch.int64)
+    for name, t in (("teacher_logits", teacher), ("teacher_topk_ids", ids),
+                    ("teacher_topk_logprobs", logprobs)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if hard_loss_weight and target is None:
+        raise ValueError("hard_loss_weight needs target (the hard labels)")
+    flat_target = None
+    if target is not None:
+        checks.check_tensor("target", target)
+        if tuple(target.shape) != lead or target.is_floating_point():
+            raise ValueError(f"target must hold integer labels of shape {lead}, got "
+                             f"{target.dtype} {tuple(target.shape)}")
+        flat_target = target.reshape(-1).to(torch.int64)
+        bad = (flat_target != ignore_index) & ((flat_target < 0) | (flat_target >= n_classes))
+        if hard_loss_weight and bool(bad.any()):
+            raise ValueError(f"target holds ids outside [0, {n_classes}) that are not "
+                             f"ignore_index={ignore_index}")
+    if token_weight is not None:
+        checks.check_tensor("token_weight", token_weight)
+        if tuple(token_weight.shape) != lead or not token_weight.is_floating_point():
+            raise ValueError(f"token_weight must be floating point of shape {lead}, got "
+                             f"{tuple(token_weight.shape)}")
+        if token_weight.requires_grad:
+            raise ValueError("token_weight must not require grad")
+    if inplace_backward and (input.requires_grad and input.is_leaf):
+        raise ValueError("inplace_backward=True overwrites input: it cannot be a leaf that "
+                         "requires grad")
+    counted = torch.ones(n, dtype=torch.bool, device=input.device) if flat_target is None \
+        else flat_target != ignore_index
+    factors = counted.float()
+    if token_weight is not None:
+        factors = factors * token_weight.reshape(-1).float()
+    n_counted = counted.sum()
+    if reduction == "mean":
+        denom = num_items_in_batch if num_items_in_batch is not None else n_counted
+        denom = torch.as_tensor(denom, dtype=torch.float32, device=input.device)
+        factors = factors / denom.clamp(min=1) if num_items_in_batch is None else \
+            factors / denom
+    opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
+                    int(ignore_index))
+    loss_rows, div, entropy, agree = DistillationFunction.apply(
+        x, teacher, ids, logprobs, flat_target, factors, opts, bool(inplace_backward))
+    out_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
+    # Per token the factors are the mask and the token weights (no mean's denominator).
+    loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
+    if not return_stats:
+        return loss
+    agreement = (agree * counted).sum() / n_counted.clamp(min=1)
+    return loss, DistillationStats(div.reshape(lead), entropy.reshape(lead), agreement)
+
+
+__all__ = ["DistillationFunction", "DistillationStats", "distillation_loss"]

@@ -1,0 +1,267 @@
+"""fusedce.distillation_loss against float64 formulas written from the definitions (and against
+TRL's generalized_jsd_loss where TRL defines it): every divergence, teacher form, tail mode,
+temperature, beta and reduction, with ignored rows, token weights and a hard loss; extreme
+teachers; bad inputs refused before anything is written."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedce
+from fusedce import distill
+from fusedce.testing import rel_err
+
+N, C, K = 9, 13, 4
+PAIRS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+
+
+def _divergence(log_q, log_p, divergence, beta):
+    """Per-row divergence between bucket distributions (R, B) in float64."""
+    q, p = log_q.exp(), log_p.exp()
+
+    def kl(a, log_a, log_b):  # (the where inside the product keeps empty buckets' grads finite)
+        return (a * torch.where(a > 0, log_a - log_b, torch.zeros_like(a))).sum(-1)
+
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+        return kl(p, log_p, log_q)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+        return kl(q, log_q, log_p)
+    m = beta * p + (1 - beta) * q
+    log_m = torch.where(m > 0, m, torch.ones_like(m)).log()  # (an empty bucket: unused)
+    return beta * kl(p, log_p, log_m) + (1 - beta) * kl(q, log_q, log_m)
+
+
+def _reference(x, teacher, ids, logprobs, target, divergence, beta, temperature, tail,
+               hard, token_weight, reduction):
+    """Loss and gradient of ``x`` from the definitions, in float64."""
+    x = x.detach().double().requires_grad_()
+    log_q = torch.log_softmax(x / temperature, -1)
+    if teacher is not None:
+        rows = _divergence(log_q, torch.log_softmax(teacher.double() / temperature, -1),
+                           divergence, beta)
+    else:
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        lq = torch.where(valid, log_q.gather(1, safe), -math.inf)
+        lp = torch.where(valid, logprobs.double(), -math.inf)
+        if tail == "bucket":
+            q_tail = 1 - lq.exp().sum(1, keepdim=True)
+            p_tail = (1 - lp.exp().sum(1, keepdim=True)).clamp(min=0)
+            lq = torch.cat([lq, q_tail.log()], 1)
+            lp = torch.cat([lp, p_tail.log()], 1)
+        else:
+            lq = lq - torch.logsumexp(lq, 1, keepdim=True)
+            lp = lp - torch.logsumexp(lp, 1, keepdim=True)
+        rows = _divergence(lq, lp, divergence, beta)
+    counted = torch.ones(N, dtype=torch.bool) if target is None else target != -100
+    if hard:
+        ce = torch.nn.functional.cross_entropy(x, target.clamp(min=0), reduction="none")
+        rows = rows + hard * ce
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    if token_weight is not None:
+        rows = rows * token_weight.double()
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / counted.sum().clamp(min=1)
+    go = torch.linspace(0.5, 1.5, N, dtype=torch.float64) if reduction == "none" else \
+        torch.tensor(1.0, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((loss * go).sum(), x)
+    return loss.detach(), grad, go
+
+
+def _teacher_forms(generator):
+    teacher = torch.randn(N, C, generator=generator) * 2
+    log_p = torch.log_softmax(teacher.double(), -1)
+    ids = log_p.topk(K, dim=1).indices
+    ids[2, -1] = -1  # an unused slot
+    logprobs = log_p.gather(1, ids.clamp(min=0)).float()
+    return teacher, ids, logprobs
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("form", ["logits", "bucket", "renormalize"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("divergence, beta", PAIRS, ids=[f"{d}-{b}" for d, b in PAIRS])
+def test_matches_the_definitions(divergence, beta, temperature, form, reduction, monkeypatch):
+    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", 4 * C)  # several chunks of rows
+    g = torch.Generator().manual_seed(hash((divergence, beta, temperature, form)) % 1000)
+    x = torch.randn(N, C, generator=g) * 2
+    teacher, ids, logprobs = _teacher_forms(g)
+    target = torch.randint(0, C, (N,), generator=g)
+    target[[1, 5]] = -100
+    token_weight = torch.rand(N, generator=g) + 0.5
+    hard = 0.5 if form != "renormalize" else 0.0
+    kwargs = dict(teacher_logits=teacher) if form == "logits" else dict(
+        teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, tail=form)
+    xi = x.clone().requires_grad_()
+    loss = fusedce.distillation_loss(xi, target=target, divergence=divergence, beta=beta,
+                                     temperature=temperature, hard_loss_weight=hard,
+                                     token_weight=token_weight, reduction=reduction, **kwargs)
+    ref, ref_grad, go = _reference(x, teacher if form == "logits" else None, ids, logprobs,
+                                   target, divergence, beta, temperature, form, hard,
+                                   token_weight, reduction)
+    (grad,) = torch.autograd.grad(loss, xi, go.float() if reduction == "none" else None)
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-5
+    assert torch.all(grad[[1, 5]] == 0)  # ignored rows: no gradient
+
+
+def test_matches_trl_generalized_jsd():
+    pytest.importorskip("trl")
+    import warnings
+
+    from fusedce.integrations import trl as fce_trl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gkd = fce_trl._gkd_trainer()
+    if gkd is None:
+        pytest.skip("this TRL has no GKDTrainer")
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 5, 17, generator=g).requires_grad_()
+    t = torch.randn(2, 5, 17, generator=g)
+    labels = torch.randint(0, 17, (2, 5), generator=g)
+    labels[0, :2] = -100
+    for beta in (0.0, 0.3, 1.0):
+        for reduction, items in [("batchmean", None), ("sum", None), ("mean", None),
+                                 ("batchmean", 7), ("none", None)]:
+            theirs = gkd.generalized_jsd_loss(s, t, labels, beta=beta, temperature=1.5,
+                                              reduction=reduction, num_items_in_batch=items)
+            ours = fce_trl.generalized_jsd_loss(s, t, labels, beta=beta, temperature=1.5,
+                                                reduction=reduction, num_items_in_batch=items)
+            assert rel_err(ours, theirs) <= 1e-5, (beta, reduction)
+            (g_theirs,) = torch.autograd.grad(theirs.sum(), s)
+            (g_ours,) = torch.autograd.grad(ours.sum(), s)
+            assert rel_err(g_ours, g_theirs) <= 1e-5, (beta, reduction)
+    fce_trl.apply()
+    try:
+        assert gkd.generalized_jsd_loss is fce_trl.generalized_jsd_loss
+    finally:
+        fce_trl.revert()
+    assert gkd.generalized_jsd_loss is not fce_trl.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("divergence, beta", PAIRS, ids=[f"{d}-{b}" for d, b in PAIRS])
+def test_extreme_teachers(divergence, beta):
+    """A teacher equal to the student gives 0 and no gradient; a one-hot teacher and -inf
+    columns stay finite where the divergence is."""
+    x = torch.randn(4, 7, requires_grad=True)
+    loss = fusedce.distillation_loss(x, x.detach().clone(), divergence=divergence, beta=beta)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert abs(loss.item()) < 1e-6 and grad.abs().max().item() < 1e-6
+    one_hot = torch.full((4, 7), -math.inf)
+    one_hot[:, 2] = 0.0
+    loss = fusedce.distillation_loss(x, one_hot, divergence=divergence, beta=beta)
+    (grad,) = torch.autograd.grad(loss, x)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        assert loss.item() == math.inf  # KL(q || p) with p = 0 where q > 0
+    else:
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        ref, ref_grad, _ = _reference_small(x, one_hot, divergence, beta)
+        assert rel_err(loss, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+
+
+def _reference_small(x, teacher, divergence, beta):
+    xd = x.detach().double().requires_grad_()
+    rows = _divergence(torch.log_softmax(xd, -1), torch.log_softmax(teacher.double(), -1),
+                       divergence, beta)
+    loss = rows.mean()
+    return loss.detach(), torch.autograd.grad(loss, xd)[0], None
+
+
+def test_statistics_and_inplace_backward():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, C, generator=g)
+    teacher = torch.randn(N, C, generator=g)
+    teacher[0] = x[0] * 3  # the same argmax on row 0
+    target = torch.randint(0, C, (N,), generator=g)
+    target[4] = -100
+    xi = x.clone().requires_grad_()
+    loss, stats = fusedce.distillation_loss(xi, teacher, target, temperature=2.0,
+                                            return_stats=True)
+    (grad,) = torch.autograd.grad(loss, xi)
+    log_q = torch.log_softmax(x.double() / 2, -1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    assert rel_err(stats.entropy, entropy) <= 1e-5
+    div = _divergence(log_q, torch.log_softmax(teacher.double() / 2, -1), "forward_kl", 0.5)
+    div[4] = 0
+    assert rel_err(stats.divergence, div) <= 1e-5
+    agree = (x.argmax(1) == teacher.argmax(1)) & (target != -100)
+    assert stats.agreement.item() == pytest.approx(agree.sum().item() / 8)
+    # The gradient written into the input's storage: the same values.
+    h = x.clone().requires_grad_()
+    logits = h * 1.0  # an activation, as the LM head's output is
+    loss2 = fusedce.distillation_loss(logits, teacher, target, temperature=2.0,
+                                      inplace_backward=True)
+    loss2.backward()
+    assert torch.equal(loss2, loss)
+    assert rel_err(h.grad, grad) <= 1e-6
+
+
+def test_16_bit_students_and_teachers():
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(N, C, generator=g) * 2).to(torch.bfloat16)
+    teacher = (torch.randn(N, C, generator=g) * 2).to(torch.float16)
+    xi = x.clone().requires_grad_()
+    loss = fusedce.distillation_loss(xi, teacher, divergence="jsd", beta=0.3)
+    (grad,) = torch.autograd.grad(loss, xi)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    ref, ref_grad, _ = _reference(x.float(), teacher.float(), None, None, None, "jsd", 0.3,
+                                  1.0, "bucket", 0.0, None, "mean")
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-2
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("k_too_large", ValueError, "more than the"),
+    ("duplicate", ValueError, "duplicate id"),
+    ("out_of_range", ValueError, "outside"),
+    ("shapes", ValueError, "must both have shape"),
+    ("teacher_grad", ValueError, "require grad"),
+    ("teacher_shape", ValueError, "input's shape"),
+    ("both_teachers", ValueError, "one of the two"),
+    ("divergence", ValueError, "divergence must be"),
+    ("beta", ValueError, "beta must be"),
+    ("triton", NotImplementedError, "no Triton kernels"),
+])
+def test_bad_inputs_fail_before_anything_is_written(case, error, message):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, generator=g)
+    before = x.clone()
+    teacher, ids, logprobs = _teacher_forms(g)
+    kwargs = dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+    if case == "k_too_large":
+        kwargs = dict(teacher_topk_ids=torch.zeros(N, C + 1, dtype=torch.long),
+                      teacher_topk_logprobs=torch.zeros(N, C + 1))
+    elif case == "duplicate":
+        ids = ids.clone()
+        ids[3, 1] = ids[3, 0]
+        kwargs["teacher_topk_ids"] = ids
+    elif case == "out_of_range":
+        ids = ids.clone()
+        ids[0, 0] = C
+        kwargs["teacher_topk_ids"] = ids
+    elif case == "shapes":
+        kwargs["teacher_topk_logprobs"] = logprobs[:, :2]
+    elif case == "teacher_grad":
+        kwargs = dict(teacher_logits=teacher.requires_grad_())
+    elif case == "teacher_shape":
+        kwargs = dict(teacher_logits=teacher[:, :3])
+    elif case == "both_teachers":
+        kwargs["teacher_logits"] = teacher
+    elif case == "divergence":
+        kwargs["divergence"] = "kl"
+    elif case == "beta":
+        kwargs.update(divergence="jsd", beta=1.5)
+    elif case == "triton":
+        kwargs["impl"] = "triton"
+    logits = x.requires_grad_() * 1.0
+    with pytest.raises(error, match=message):
+        fusedce.distillation_loss(logits, inplace_backward=True, **kwargs)
+    assert torch.equal(logits.detach(), before)
