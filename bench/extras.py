@@ -2,7 +2,10 @@
 
 * multi-token prediction: peak extra memory of a 3-depth loss, fusedce's one call against a loop
   of ``F.cross_entropy`` over ``logits[:, :-d]`` (what MTP code commonly writes);
-* ``batch_invariant=True``: time of the PyTorch implementation against the default.
+* ``batch_invariant=True``: time of the PyTorch implementation against the default;
+* distillation: time, peak extra memory and error of ``fusedce.distillation_loss`` (and of the
+  fused linear form from hidden states) against the unfused formula (log-softmax of both,
+  ``F.kl_div``; TRL's generalized JSD), forward + backward.
 
     python -m bench.extras
 """
@@ -86,6 +89,85 @@ def invariance_cost() -> list[str]:
     return lines
 
 
+def _unfused_divergence(x, teacher, divergence, temperature=1.0, beta=0.5):
+    """The unfused formula, as training code writes it: log-softmax of both, F.kl_div."""
+    log_q = F.log_softmax(x.float() / temperature, -1)
+    log_p = F.log_softmax(teacher.float() / temperature, -1)
+    if divergence == "forward_kl":
+        return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    log_m = torch.logsumexp(torch.stack([log_q + torch.log1p(torch.tensor(-beta)),
+                                         log_p + torch.log(torch.tensor(beta))]), dim=0)
+    return (beta * F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
+            + (1 - beta) * F.kl_div(log_m, log_q, reduction="batchmean", log_target=True))
+
+
+def distillation_cost(n: int = 2048, vocab: int = 32768, hidden: int = 512) -> list[str]:
+    lines = [f"## Distillation, {n} tokens x {vocab} classes, forward + backward (median of 5; "
+             "peak extra memory above the inputs, min of 3; error of the loss and the student "
+             "gradient against float64)", "",
+             "| dtype | divergence | computation | ms | peak extra MiB | x one logits tensor | "
+             "loss err | grad err |", "|---|---|---|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(n, vocab, generator=g) * 2).to(dtype)
+        teacher = (torch.randn(n, vocab, generator=g) * 2).to(dtype)
+        one = x.numel() * x.element_size()
+        for divergence in ("forward_kl", "jsd"):
+            ref_x = x.double().requires_grad_()
+            ref = _unfused_divergence(ref_x, teacher.double(), divergence).double()
+            (ref_grad,) = torch.autograd.grad(ref, ref_x)
+
+            def fused(divergence=divergence):
+                xi = x.clone().requires_grad_()
+                loss = fusedce.distillation_loss(xi, teacher, divergence=divergence)
+                loss.backward()
+                return loss, xi.grad
+
+            def unfused(divergence=divergence):
+                xi = x.clone().requires_grad_()
+                loss = _unfused_divergence(xi, teacher, divergence)
+                loss.backward()
+                return loss, xi.grad
+
+            for name, fn in (("fusedce.distillation_loss", fused),
+                             ("unfused (log_softmax, F.kl_div)", unfused)):
+                ms = _median_ms(fn, repeats=5)
+                peak = min(peak_extra_bytes(fn, CPU) for _ in range(3))
+                loss, grad = fn()
+                lines.append(
+                    f"| {str(dtype)[6:]} | {divergence} | {name} | {ms:.0f} | "
+                    f"{peak / 2**20:.0f} | {peak / one:.2f} | "
+                    f"{abs(loss.double() - ref).item() / abs(ref).item():.1e} | "
+                    f"{((grad.double() - ref_grad).norm() / ref_grad.norm()).item():.1e} |")
+    # From hidden states: the student's head and the teacher's, never holding either logits.
+    h = torch.randn(n, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * hidden ** -0.5 * 3
+    ht = torch.randn(n, hidden, generator=g)
+    wt = torch.randn(vocab, hidden, generator=g) * hidden ** -0.5 * 3
+    one = n * vocab * 4
+    lines += ["", f"From hidden states ({n} x {hidden}, float32, both heads {vocab} x {hidden}), "
+              "forward KL, forward + backward:", "",
+              "| computation | ms | peak extra MiB | x one logits tensor |", "|---|---|---|---|"]
+
+    def fused_linear():
+        hi, wi = h.clone().requires_grad_(), w.clone().requires_grad_()
+        fusedce.linear_distillation_loss(hi, wi, teacher_input=ht,
+                                         teacher_linear_weight=wt).backward()
+
+    def unfused_linear():
+        hi, wi = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.no_grad():
+            teacher_logits = ht @ wt.t()
+        _unfused_divergence(hi @ wi.t(), teacher_logits, "forward_kl").backward()
+
+    for name, fn in (("fusedce.linear_distillation_loss", fused_linear),
+                     ("unfused (both logits, log_softmax, F.kl_div)", unfused_linear)):
+        ms = _median_ms(fn, repeats=3)
+        peak = min(peak_extra_bytes(fn, CPU) for _ in range(3))
+        lines.append(f"| {name} | {ms:.0f} | {peak / 2**20:.0f} | {peak / one:.2f} |")
+    return lines
+
+
 def main() -> int:
     torch.manual_seed(0)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -95,7 +177,7 @@ def main() -> int:
               f"Generated {stamp} by `python -m bench.extras` (torch {torch.__version__}, "
               f"triton {triton.__version__}, {torch.get_num_threads()} threads); CPU timings on "
               "a shared machine vary between runs.", ""]
-    body = mtp_memory() + [""] + invariance_cost()
+    body = mtp_memory() + [""] + invariance_cost() + [""] + distillation_cost()
     out = RESULTS / device_slug(CPU) / "extras.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(header + body) + "\n")

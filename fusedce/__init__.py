@@ -9,7 +9,7 @@ the tests and benchmarks compare both against.  ``docs/`` has the reference.
 from .autograd import CrossEntropyFunction, LinearCrossEntropyFunction
 from .checks import resolve_impl
 from .diagnostics import LabelError, LabelReport, LossMonitor, check_labels
-from .distill import DistillationStats, distillation_loss
+from .distill import DistillationStats, distillation_loss, linear_distillation_loss
 from .functional import (
     CrossEntropyStats,
     cross_entropy,
@@ -40,6 +40,7 @@ __all__ = [
     "cross_entropy_dtensor",
     "DistillationStats",
     "distillation_loss",
+    "linear_distillation_loss",
     "linear_cross_entropy_dtensor",
     "linear_cross_entropy_head",
     "linear_cross_entropy",

@@ -76,6 +76,7 @@ class _Options(NamedTuple):
     tail: str
     hard_loss_weight: float
     ignore_index: int
+    deferred: bool = False  # (fused linear) gradients made in the backward
 
 
 def _log_mixture(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
@@ -250,6 +251,61 @@ def _check_topk(ids: Tensor, logprobs: Tensor, n_rows: int, n_classes: int) -> N
         raise ValueError("teacher_topk_logprobs must be log-probabilities (at most 0)")
 
 
+def _row_factors(lead: tuple, n_classes: int, device: torch.device, target: Tensor | None,
+                 token_weight: Tensor | None, reduction: str, num_items_in_batch,
+                 ignore_index: int, hard_loss_weight: float, shift: int):
+    """(flat targets or None, counted rows, per-row factors of the loss and its gradient):
+    the mask of counted rows, times the token weights, over the mean's denominator.  With
+    ``shift`` the targets move ``shift`` positions left along the sequence (dimension -1 of
+    ``lead``) and each sequence's last ``shift`` positions are not counted."""
+    if hard_loss_weight and target is None:
+        raise ValueError("hard_loss_weight needs target (the hard labels)")
+    if shift < 0 or (shift and len(lead) < 1):
+        raise ValueError(f"shift must be a non-negative int over (..., T) positions, got {shift}")
+    flat_target = None
+    if target is not None:
+        checks.check_tensor("target", target)
+        if tuple(target.shape) != lead or target.is_floating_point():
+            raise ValueError(f"target must hold integer labels of shape {lead}, got "
+                             f"{target.dtype} {tuple(target.shape)}")
+        if target.device != device:
+            raise ValueError(f"target is on {target.device} but input is on {device}")
+        target = target.to(torch.int64)
+        if shift:
+            pad = target.new_full((*lead[:-1], min(shift, lead[-1])), ignore_index)
+            target = torch.cat([target[..., shift:], pad], dim=-1)
+        flat_target = target.reshape(-1)
+        bad = (flat_target != ignore_index) & ((flat_target < 0) | (flat_target >= n_classes))
+        if hard_loss_weight and bool(bad.any()):
+            raise ValueError(f"target holds ids outside [0, {n_classes}) that are not "
+                             f"ignore_index={ignore_index}")
+    if token_weight is not None:
+        checks.check_tensor("token_weight", token_weight)
+        if tuple(token_weight.shape) != lead or not token_weight.is_floating_point():
+            raise ValueError(f"token_weight must be floating point of shape {lead}, got "
+                             f"{tuple(token_weight.shape)}")
+        if token_weight.requires_grad:
+            raise ValueError("token_weight must not require grad")
+    if flat_target is not None:
+        counted = flat_target != ignore_index
+    else:
+        counted = torch.ones(lead, dtype=torch.bool, device=device)
+        if shift:
+            counted[..., max(lead[-1] - shift, 0):] = False
+        counted = counted.reshape(-1)
+    factors = counted.float()
+    if token_weight is not None:
+        factors = factors * token_weight.reshape(-1).float()
+    n_counted = counted.sum()
+    if reduction == "mean":
+        if num_items_in_batch is None:
+            factors = factors / n_counted.clamp(min=1)
+        else:
+            factors = factors / torch.as_tensor(num_items_in_batch, dtype=torch.float32,
+                                                device=device)
+    return flat_target, counted, factors
+
+
 def distillation_loss(
     input: Tensor,
     teacher_logits: Tensor | None = None,
@@ -269,6 +325,7 @@ def distillation_loss(
     impl: Literal["auto", "torch", "triton"] = "auto",
     inplace_backward: bool = False,
     return_stats: bool = False,
+    shift: int = 0,
 ) -> Tensor | tuple[Tensor, DistillationStats]:
     """The divergence of the student ``softmax(input / temperature)`` from a teacher (module
     docstring), per token, with the gradient of ``input`` made in the same pass.
@@ -293,6 +350,9 @@ def distillation_loss(
         inplace_backward: write the gradient into ``input``'s storage (its values are gone
             after the call).
         return_stats: also return a ``DistillationStats``.
+        shift: for (..., T, C) inputs, compare position t with the label at t + ``shift``
+            (next-token labels: 1); each sequence's last ``shift`` positions are not counted
+            (they stay in the output, 0).  The teacher is aligned with the student.
 
     Returns:
         The loss (float32 for 16-bit inputs, else the input's dtype), and with ``return_stats``
@@ -359,40 +419,12 @@ def distillation_loss(
                     ("teacher_topk_logprobs", logprobs)):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-    if hard_loss_weight and target is None:
-        raise ValueError("hard_loss_weight needs target (the hard labels)")
-    flat_target = None
-    if target is not None:
-        checks.check_tensor("target", target)
-        if tuple(target.shape) != lead or target.is_floating_point():
-            raise ValueError(f"target must hold integer labels of shape {lead}, got "
-                             f"{target.dtype} {tuple(target.shape)}")
-        flat_target = target.reshape(-1).to(torch.int64)
-        bad = (flat_target != ignore_index) & ((flat_target < 0) | (flat_target >= n_classes))
-        if hard_loss_weight and bool(bad.any()):
-            raise ValueError(f"target holds ids outside [0, {n_classes}) that are not "
-                             f"ignore_index={ignore_index}")
-    if token_weight is not None:
-        checks.check_tensor("token_weight", token_weight)
-        if tuple(token_weight.shape) != lead or not token_weight.is_floating_point():
-            raise ValueError(f"token_weight must be floating point of shape {lead}, got "
-                             f"{tuple(token_weight.shape)}")
-        if token_weight.requires_grad:
-            raise ValueError("token_weight must not require grad")
     if inplace_backward and (input.requires_grad and input.is_leaf):
         raise ValueError("inplace_backward=True overwrites input: it cannot be a leaf that "
                          "requires grad")
-    counted = torch.ones(n, dtype=torch.bool, device=input.device) if flat_target is None \
-        else flat_target != ignore_index
-    factors = counted.float()
-    if token_weight is not None:
-        factors = factors * token_weight.reshape(-1).float()
-    n_counted = counted.sum()
-    if reduction == "mean":
-        denom = num_items_in_batch if num_items_in_batch is not None else n_counted
-        denom = torch.as_tensor(denom, dtype=torch.float32, device=input.device)
-        factors = factors / denom.clamp(min=1) if num_items_in_batch is None else \
-            factors / denom
+    flat_target, counted, factors = _row_factors(
+        lead, n_classes, input.device, target, token_weight, reduction, num_items_in_batch,
+        ignore_index, hard_loss_weight, shift)
     opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
                     int(ignore_index))
     loss_rows, div, entropy, agree = DistillationFunction.apply(
@@ -402,8 +434,243 @@ def distillation_loss(
     loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
     if not return_stats:
         return loss
-    agreement = (agree * counted).sum() / n_counted.clamp(min=1)
+    agreement = (agree * counted).sum() / counted.sum().clamp(min=1)
     return loss, DistillationStats(div.reshape(lead), entropy.reshape(lead), agreement)
 
 
-__all__ = ["DistillationFunction", "DistillationStats", "distillation_loss"]
+class LinearDistillationFunction(torch.autograd.Function):
+    """The distillation pass from the student's hidden states and LM head (and the teacher's,
+    or its logits, or its top-k), over chunks of rows: each chunk's float32 student (and
+    teacher) logits are made, the divergence and its gradient computed, and the gradient turned
+    at once into the chunk's ``grad_input`` and added into float32 ``grad_linear_weight`` and
+    ``grad_linear_bias`` accumulators; no logits tensor of either model is held.
+    ``apply(input, weight, bias, teacher, target, factors, opts, chunk_rows)`` with ``teacher``
+    a ``_TeacherSource``; returns (per-row loss times ``factors``, divergence, entropy,
+    agreement).  With per-row ``grad_output`` (``reduction="none"``) the gradients are made in
+    the backward, by one more pass."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, teacher, target, factors, opts, chunk_rows):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2])
+        ctx.deferred = opts.deferred and any(need)
+        outs, grads = _linear_pass(input, weight, bias, teacher, target, factors, opts,
+                                   chunk_rows, () if ctx.deferred else need)
+        ctx.need, ctx.opts, ctx.chunk_rows, ctx.teacher = need, opts, chunk_rows, teacher
+        if ctx.deferred:
+            ctx.save_for_backward(input, weight, bias, target, factors)
+        else:
+            ctx.grads = grads
+        ctx.mark_non_differentiable(*outs[1:])
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        from .autograd import refuse_double_backward
+
+        refuse_double_backward("fusedce.linear_distillation_loss")
+        if grad_loss is None:
+            return (None,) * 8
+        if ctx.deferred:
+            input, weight, bias, target, factors = ctx.saved_tensors
+            _, grads = _linear_pass(input, weight, bias, ctx.teacher, target,
+                                    factors * grad_loss.float(), ctx.opts, ctx.chunk_rows,
+                                    ctx.need)
+        else:
+            grads = ctx.grads
+            ctx.grads = None
+            grads = [g.mul_(grad_loss[0].to(g.dtype)) if g is not None else None
+                     for g in grads]
+        return (*grads, None, None, None, None, None)
+
+
+class _TeacherSource(NamedTuple):
+    """The teacher of the fused linear distillation: logits, top-k, or hidden states and head."""
+
+    logits: Tensor | None
+    ids: Tensor | None
+    logprobs: Tensor | None
+    input: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def rows(self, r0: int, r1: int) -> _Teacher:
+        if self.input is not None:
+            from .linear import _Head
+
+            head = _Head(self.weight, self.bias)
+            out = torch.empty(r1 - r0, self.weight.shape[0], dtype=head.acc,
+                              device=self.weight.device)
+            return _Teacher(head.logits(self.input[r0:r1], out), None, None)
+        return _Teacher(*(t[r0:r1] if t is not None else None
+                          for t in (self.logits, self.ids, self.logprobs)))
+
+
+def _linear_pass(x, w, b, teacher, target, factors, opts, chunk_rows, need):
+    """Chunks of rows: losses and statistics, and the gradients ``need`` asks for (x, w, b)."""
+    from .linear import _Head
+
+    need = tuple(need) + (False,) * (3 - len(need))
+    head = _Head(w, b)
+    n = x.shape[0]
+    acc = head.acc
+    outs = [torch.empty(n, dtype=acc, device=x.device) for _ in range(4)]
+    gx = torch.empty_like(x) if need[0] else None
+    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need[1] else None
+    gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need[2] else None
+    buf = torch.empty(min(chunk_rows, n), w.shape[0], dtype=acc, device=x.device)
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(r0 + chunk_rows, n)
+        z = head.logits(x[r0:r1], buf[: r1 - r0])
+        loss, g, div, ent, agree = _chunk(z, teacher.rows(r0, r1),
+                                          target[r0:r1] if target is not None else None,
+                                          opts, any(need))
+        f = factors[r0:r1]
+        outs[0][r0:r1] = loss * f
+        outs[1][r0:r1] = torch.where(f != 0, div, 0.0)
+        outs[2][r0:r1] = ent
+        outs[3][r0:r1] = agree
+        if g is not None:
+            g = g * f[:, None]
+            if need[0]:
+                gx[r0:r1] = (g @ head.w_acc).to(x.dtype)
+            if need[1]:
+                gw.addmm_(g.t(), x[r0:r1].to(acc))
+            if need[2]:
+                gb += g.sum(dim=0)
+    grads = (gx, gw.to(w.dtype) if gw is not None else None,
+             gb.to(b.dtype) if gb is not None else None)
+    return outs, grads
+
+
+def linear_distillation_loss(
+    input: Tensor,
+    linear_weight: Tensor,
+    teacher_logits: Tensor | None = None,
+    target: Tensor | None = None,
+    *,
+    linear_bias: Tensor | None = None,
+    teacher_input: Tensor | None = None,
+    teacher_linear_weight: Tensor | None = None,
+    teacher_linear_bias: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: Literal["bucket", "renormalize"] = "bucket",
+    hard_loss_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: Literal["none", "mean", "sum"] = "mean",
+    num_items_in_batch: int | float | Tensor | None = None,
+    token_weight: Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: Literal["auto", "torch", "triton"] = "auto",
+    return_stats: bool = False,
+    shift: int = 0,
+) -> Tensor | tuple[Tensor, DistillationStats]:
+    """``distillation_loss`` of the student logits ``input @ linear_weight.T + linear_bias``
+    without holding them: rows in chunks of ``chunk_size`` (default: float32 logits about the
+    size of the hidden states), each chunk's logits made in float32, its gradient turned into
+    ``grad_input`` and added into float32 weight and bias gradients at once.  The teacher is
+    given as logits, as top-k, or as its own hidden states ``teacher_input`` and head
+    ``teacher_linear_weight`` (``teacher_linear_bias``): then its logits are made chunk by
+    chunk too, an exact full-vocabulary divergence with neither logits tensor ever held.
+    Other arguments as ``distillation_loss``'s.
+
+    Args:
+        input: (..., H) the student's hidden states.
+        linear_weight: (C, H) the student's LM head (``linear_bias`` (C,) or None).
+        teacher_input, teacher_linear_weight: (..., H_t) and (C, H_t): the teacher's hidden
+            states and head (no gradient), or None.
+    """
+    from .linear import check_linear_inputs, default_chunk_size
+
+    n_classes = check_linear_inputs(input, linear_weight, linear_bias)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "triton":
+        raise NotImplementedError("linear_distillation_loss has no Triton kernels yet: use "
+                                  "impl='torch' or 'auto' (the PyTorch implementation)")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    lead = tuple(input.shape[:-1])
+    x = input.reshape(-1, input.shape[-1])
+    n = x.shape[0]
+    forms = [teacher_logits is not None, teacher_input is not None,
+             teacher_topk_ids is not None]
+    if sum(forms) != 1:
+        raise ValueError("give the teacher as teacher_logits, as teacher_input with "
+                         "teacher_linear_weight, or as teacher_topk_ids with "
+                         "teacher_topk_logprobs (one of them)")
+    source = None
+    if teacher_logits is not None:
+        if tuple(teacher_logits.shape) != lead + (n_classes,):
+            raise ValueError(f"teacher_logits must have shape {lead + (n_classes,)}, got "
+                             f"{tuple(teacher_logits.shape)}")
+        if teacher_logits.requires_grad:
+            raise ValueError("teacher_logits require grad: the teacher gets no gradient")
+        source = _TeacherSource(teacher_logits.reshape(n, n_classes), None, None, None, None,
+                                None)
+    elif teacher_input is not None:
+        if teacher_linear_weight is None:
+            raise ValueError("teacher_input needs teacher_linear_weight")
+        t_classes = check_linear_inputs(teacher_input, teacher_linear_weight,
+                                        teacher_linear_bias)
+        if t_classes != n_classes or tuple(teacher_input.shape[:-1]) != lead:
+            raise ValueError(f"the teacher's head must give {n_classes} classes for the same "
+                             f"{lead} positions, got {t_classes} classes for "
+                             f"{tuple(teacher_input.shape[:-1])}")
+        for name, t in (("teacher_input", teacher_input),
+                        ("teacher_linear_weight", teacher_linear_weight),
+                        ("teacher_linear_bias", teacher_linear_bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad: the teacher gets no gradient")
+        source = _TeacherSource(None, None, None,
+                                teacher_input.reshape(n, teacher_input.shape[-1]),
+                                teacher_linear_weight, teacher_linear_bias)
+    else:
+        if teacher_topk_logprobs is None:
+            raise ValueError("teacher_topk_ids needs teacher_topk_logprobs")
+        if teacher_topk_logprobs.requires_grad:
+            raise ValueError("teacher_topk_logprobs require grad: the teacher gets no gradient")
+        if tuple(teacher_topk_ids.shape[:-1]) != lead or \
+                tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
+            raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both have shape "
+                             f"{lead} + (k,), got {tuple(teacher_topk_ids.shape)} and "
+                             f"{tuple(teacher_topk_logprobs.shape)}")
+        k = teacher_topk_ids.shape[-1]
+        ids, logprobs = teacher_topk_ids.reshape(n, k), teacher_topk_logprobs.reshape(n, k)
+        _check_topk(ids, logprobs, n, n_classes)
+        source = _TeacherSource(None, ids.to(torch.int64), logprobs, None, None, None)
+    flat_target, counted, factors = _row_factors(
+        lead, n_classes, input.device, target, token_weight, reduction, num_items_in_batch,
+        ignore_index, hard_loss_weight, shift)
+    opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
+                    int(ignore_index), deferred=reduction == "none")
+    rows = chunk_size or default_chunk_size(n, n_classes, x.shape[1], x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    loss_rows, div, entropy, agree = LinearDistillationFunction.apply(
+        x, linear_weight, linear_bias, source, flat_target, factors, opts, rows)
+    out_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
+    loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
+    if not return_stats:
+        return loss
+    agreement = (agree * counted).sum() / counted.sum().clamp(min=1)
+    return loss, DistillationStats(div.reshape(lead), entropy.reshape(lead), agreement)
+
+
+__all__ = ["DistillationFunction", "DistillationStats", "LinearDistillationFunction",
+           "distillation_loss", "linear_distillation_loss"]

@@ -265,3 +265,60 @@ def test_bad_inputs_fail_before_anything_is_written(case, error, message):
     with pytest.raises(error, match=message):
         fusedce.distillation_loss(logits, inplace_backward=True, **kwargs)
     assert torch.equal(logits.detach(), before)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("form", ["logits", "hidden", "bucket"])
+@pytest.mark.parametrize("divergence, beta", PAIRS[:2] + PAIRS[3:4],
+                         ids=["forward_kl", "reverse_kl", "jsd-0.3"])
+def test_linear_distillation_matches_the_logits_loss(divergence, beta, form, reduction):
+    """From hidden states and heads, in chunks of 5 rows: the loss and the gradients of the
+    hidden states, the head and its bias equal those of the logits-level loss on the made
+    logits, the teacher given as logits, as its own hidden states and head, or as top-k."""
+    g = torch.Generator().manual_seed(21)
+    b_n, t_n, h_n, v_n = 2, 6, 8, 23
+    h = torch.randn(b_n, t_n, h_n, generator=g)
+    w = torch.randn(v_n, h_n, generator=g) * 0.5
+    bias = torch.randn(v_n, generator=g) * 0.1
+    ht, wt = torch.randn(b_n, t_n, 5, generator=g), torch.randn(v_n, 5, generator=g) * 0.5
+    teacher = ht @ wt.t()
+    logprobs, ids = torch.log_softmax(teacher, -1).topk(4, dim=-1)
+    labels = torch.randint(0, v_n, (b_n, t_n), generator=g)
+    labels[0, 0] = -100
+    common = dict(divergence=divergence, beta=beta, temperature=1.7, hard_loss_weight=0.3,
+                  reduction=reduction, shift=1)
+    teacher_kw = {"logits": dict(teacher_logits=teacher),
+                  "hidden": dict(teacher_input=ht, teacher_linear_weight=wt),
+                  "bucket": dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)}[form]
+    results = []
+    for fused in (True, False):
+        hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, bias))
+        if fused:
+            loss = fusedce.linear_distillation_loss(hh, ww, target=labels, linear_bias=bb,
+                                                    chunk_size=5, **teacher_kw, **common)
+        else:
+            logit_kw = dict(teacher_kw) if form != "hidden" else dict(teacher_logits=teacher)
+            loss = fusedce.distillation_loss(hh @ ww.t() + bb, target=labels, **logit_kw,
+                                             **common)
+        go = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hh, ww, bb), go)))
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_shift_equals_sliced_positions():
+    """shift=1 on (B, T, C): position t against label t + 1, the last position not counted;
+    the same as slicing logits[:, :-1] and labels[:, 1:]."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 7, 11, generator=g)
+    teacher = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[1, 4] = -100
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = fusedce.distillation_loss(xa, teacher, labels, shift=1, hard_loss_weight=0.2)
+    b = fusedce.distillation_loss(xb[:, :-1], teacher[:, :-1], labels[:, 1:],
+                                  hard_loss_weight=0.2)
+    (ga,) = torch.autograd.grad(a, xa)
+    (gb,) = torch.autograd.grad(b, xb)
+    assert rel_err(a, b) <= 1e-6 and rel_err(ga, gb) <= 1e-6
+    assert torch.all(ga[:, -1] == 0)
