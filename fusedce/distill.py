@@ -84,11 +84,75 @@ def _log_mixture(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
     return torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
 
 
+class _Local:
+    """Row reductions over the classes this process holds: all of them."""
+
+    start = 0
+
+    def max(self, t: Tensor) -> Tensor:
+        return t
+
+    def sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def min(self, t: Tensor) -> Tensor:
+        return t
+
+
+class _Group(_Local):
+    """Vocabulary parallelism: row reductions completed over the group (``all_reduce`` of one
+    value per row), this rank's classes starting at ``start``."""
+
+    def __init__(self, group, start: int):
+        self.group, self.start = group, start
+
+    def _all(self, t: Tensor, op) -> Tensor:
+        import torch.distributed as dist
+
+        t = t.contiguous().clone()
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def max(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        return self._all(t, dist.ReduceOp.MAX)
+
+    def sum(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        return self._all(t, dist.ReduceOp.SUM)
+
+    def min(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        return self._all(t, dist.ReduceOp.MIN)
+
+
+_LOCAL = _Local()
+_BIG = 2**62
+
+
+def _lse(v: Tensor, red: _Local) -> Tensor:
+    """Each row's log-sum-exp over all classes (this process's, merged over the group)."""
+    m = red.max(v.amax(dim=1))
+    safe = torch.where(torch.isfinite(m), m, 0.0)
+    return safe + red.sum(torch.exp(v - safe[:, None]).sum(dim=1)).log()
+
+
+def _argmax(z: Tensor, red: _Local) -> Tensor:
+    """Each row's first argmax column over all classes (global ids)."""
+    local = z.amax(dim=1)
+    best = red.max(local)
+    idx = torch.where(local == best, z.argmax(dim=1) + red.start, _BIG)
+    return red.min(idx)
+
+
 def _bucket_terms(log_q: Tensor, log_p: Tensor, opts: _Options,
-                  weight_q: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  red: _Local = _LOCAL) -> tuple[Tensor, Tensor]:
     """(divergence per row, G per bucket) for bucket log-masses ``log_q``, ``log_p`` (R, B)
-    (``-inf`` for an empty bucket); the student's gradient at a column of bucket ``b`` is
-    ``q_c * G_b``."""
+    (``-inf`` for an empty bucket; the buckets spread over the group when ``red`` is one);
+    the student's gradient at a column of bucket ``b`` is ``q_c * G_b``."""
     q, p = log_q.exp(), log_p.exp()
     divergence, beta = opts.divergence, opts.beta
     if divergence == "jsd" and beta == 0.0:
@@ -98,54 +162,66 @@ def _bucket_terms(log_q: Tensor, log_p: Tensor, opts: _Options,
     if divergence == "forward_kl":
         terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
         g = torch.where(q > 0, 1.0 - p / q, 0.0)
-        return terms.sum(dim=1), g
+        return red.sum(terms.sum(dim=1)), g
     if divergence == "reverse_kl":
         r = torch.where(q > 0, log_q - log_p, 0.0)
-        kl = (q * r).sum(dim=1)
+        kl = red.sum((q * r).sum(dim=1))
         return kl, r - kl.unsqueeze(1)
     log_m = _log_mixture(log_q, log_p, beta)
     kl_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(dim=1)
     s = torch.where(q > 0, log_q - log_m, 0.0)
-    kl_q = (q * s).sum(dim=1)
+    kl_p, kl_q = red.sum(torch.stack([kl_p, (q * s).sum(dim=1)])).unbind(0)
     return beta * kl_p + (1 - beta) * kl_q, (1 - beta) * (s - kl_q.unsqueeze(1))
 
 
 def _chunk(x: Tensor, teacher: _Teacher, target: Tensor | None, opts: _Options,
-           want_grad: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+           want_grad: bool, red: _Local = _LOCAL) -> tuple[Tensor, Tensor | None, Tensor,
+                                                             Tensor, Tensor]:
     """One chunk of rows: (divergence + hard loss per row, gradient of the logits or None,
-    divergence per row, student entropy per row, agreement per row), all float32."""
-    z = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    divergence per row, student entropy per row, agreement per row), in float32 (float64 for
+    float64 logits).  With a group (``red``), ``x`` and ``teacher.logits`` hold this rank's
+    classes and every row sum is completed over the group."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = x.to(acc)
     t = opts.temperature
     v = z / t if t != 1.0 else z
-    log_q = torch.log_softmax(v, dim=1)
+    lse_s = _lse(v, red)
+    log_q = v - lse_s[:, None]
     q = log_q.exp()
-    entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(dim=1)
-    student_top = z.argmax(dim=1)
+    entropy = red.sum(-(q * torch.where(q > 0, log_q, 0.0)).sum(dim=1))
+    student_top = _argmax(z, red)
+    n_local = z.shape[1]
     if teacher.logits is not None:
-        u = teacher.logits.float()
-        log_p = torch.log_softmax(u / t if t != 1.0 else u, dim=1)
-        div, g_bucket = _bucket_terms(log_q, log_p, opts)
+        u = teacher.logits.to(acc)
+        u = u / t if t != 1.0 else u
+        log_p = u - _lse(u, red)[:, None]
+        div, g_bucket = _bucket_terms(log_q, log_p, opts, red)
         grad = q * g_bucket if want_grad else None
-        teacher_top = u.argmax(dim=1)
+        teacher_top = _argmax(u, red)
     else:
-        ids, valid = teacher.ids.clamp(min=0), teacher.ids >= 0
-        lq_ids = torch.where(valid, log_q.gather(1, ids), -math.inf)
-        lp_ids = torch.where(valid, teacher.logprobs.float(), -math.inf)
+        valid = teacher.ids >= 0
+        local = teacher.ids - red.start
+        owned = valid & (local >= 0) & (local < n_local)
+        safe = torch.where(owned, local, 0)
+        rows = torch.arange(z.shape[0], device=z.device).unsqueeze(1).expand_as(safe)
+        # The student's log-probabilities of the ids (from the rank holding each).
+        lq_ids = red.sum(torch.where(owned, log_q.gather(1, safe), 0.0))
+        lq_ids = torch.where(valid, lq_ids, -math.inf)
+        lp_ids = torch.where(valid, teacher.logprobs.to(acc), -math.inf)
         if opts.tail == "bucket":
             # The tail masses: the student's from its other columns (exact), the teacher's
             # from what its k log-probabilities leave (clamped at 0).
             others = v.clone()
-            rows = torch.arange(v.shape[0], device=v.device).unsqueeze(1).expand_as(ids)
-            others[rows[valid], ids[valid]] = -math.inf
-            lq_tail = torch.logsumexp(others, dim=1) - torch.logsumexp(v, dim=1)
+            others[rows[owned], safe[owned]] = -math.inf
+            lq_tail = _lse(others, red) - lse_s
             p_tail = (1.0 - lp_ids.exp().sum(dim=1)).clamp(min=0.0)
             lp_tail = torch.where(p_tail > 0, p_tail.log(), -math.inf)
             div, g_bucket = _bucket_terms(torch.cat([lq_ids, lq_tail[:, None]], dim=1),
                                           torch.cat([lp_ids, lp_tail[:, None]], dim=1), opts)
             grad = None
-            if want_grad:  # the tail's G everywhere, then each used id's own
+            if want_grad:  # the tail's G everywhere, then each owned id's own
                 grad = q * g_bucket[:, -1:]
-                grad[rows[valid], ids[valid]] = (q.gather(1, ids) * g_bucket[:, :-1])[valid]
+                grad[rows[owned], safe[owned]] = (q.gather(1, safe) * g_bucket[:, :-1])[owned]
         else:
             lq = lq_ids - torch.logsumexp(lq_ids, dim=1, keepdim=True)
             lp = lp_ids - torch.logsumexp(lp_ids, dim=1, keepdim=True)
@@ -153,23 +229,24 @@ def _chunk(x: Tensor, teacher: _Teacher, target: Tensor | None, opts: _Options,
             grad = None
             if want_grad:  # zero outside the ids (an unused slot writes nothing)
                 grad = torch.zeros_like(z)
-                rows = torch.arange(z.shape[0], device=z.device).unsqueeze(1).expand_as(ids)
-                grad[rows[valid], ids[valid]] = (lq.exp() * g_bucket)[valid]
-        best = torch.where(valid, teacher.logprobs.float(), -math.inf).argmax(dim=1)
+                grad[rows[owned], safe[owned]] = (lq.exp() * g_bucket)[owned]
+        best = torch.where(valid, teacher.logprobs.to(acc), -math.inf).argmax(dim=1)
         teacher_top = teacher.ids.gather(1, best[:, None]).squeeze(1)
     if grad is not None and t != 1.0:
         grad = grad / t
     loss = div
     if opts.hard_loss_weight and target is not None:
-        log_s = torch.log_softmax(z, dim=1) if t != 1.0 else log_q
-        safe = torch.where(target != opts.ignore_index, target, 0)
-        ce = -log_s.gather(1, safe[:, None]).squeeze(1)
+        log_s = z - _lse(z, red)[:, None] if t != 1.0 else log_q
+        local_t = target - red.start
+        here = (target != opts.ignore_index) & (local_t >= 0) & (local_t < n_local)
+        safe_t = torch.where(here, local_t, 0)
+        ce = -red.sum(torch.where(here, log_s.gather(1, safe_t[:, None]).squeeze(1), 0.0))
         loss = loss + opts.hard_loss_weight * ce
         if grad is not None:
             g_ce = log_s.exp()
-            g_ce.scatter_add_(1, safe[:, None], torch.full_like(ce[:, None], -1.0))
+            g_ce.scatter_add_(1, safe_t[:, None], -here.to(acc)[:, None])
             grad = grad + opts.hard_loss_weight * g_ce
-    agree = (student_top == teacher_top).float()
+    agree = (student_top == teacher_top).to(acc)
     return loss, grad, div, entropy, agree
 
 
@@ -180,13 +257,15 @@ class DistillationFunction(torch.autograd.Function):
     and scaled by ``grad_output`` in the backward."""
 
     @staticmethod
-    def forward(ctx, input, teacher_logits, ids, logprobs, target, factors, opts, inplace):
+    def forward(ctx, input, teacher_logits, ids, logprobs, target, factors, opts, inplace,
+                red=_LOCAL, n_classes=None):
         want_grad = ctx.needs_input_grad[0]
         n = input.shape[0]
         grad = None
         if want_grad:
             grad = input.detach() if inplace else torch.empty_like(input)
-        rows = max(1, CHUNK_ELEMENTS // max(input.shape[1], 1))
+        # (Under a group every rank must cut the same chunks: sized by the whole vocabulary.)
+        rows = max(1, CHUNK_ELEMENTS // max(n_classes or input.shape[1], 1))
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         outs = [torch.empty(n, dtype=acc, device=input.device) for _ in range(4)]
         teacher = _Teacher(teacher_logits, ids, logprobs)
@@ -195,7 +274,7 @@ class DistillationFunction(torch.autograd.Function):
             part = _Teacher(*(t[r0:r1] if t is not None else None for t in teacher))
             loss, g, div, ent, agree = _chunk(input[r0:r1], part,
                                               target[r0:r1] if target is not None else None,
-                                              opts, want_grad)
+                                              opts, want_grad, red)
             f = factors[r0:r1]
             outs[0][r0:r1] = loss * f
             outs[1][r0:r1] = torch.where(f != 0, div, 0.0)
@@ -217,9 +296,9 @@ class DistillationFunction(torch.autograd.Function):
         refuse_double_backward("fusedce.distillation_loss")
         grad, ctx.grad = ctx.grad, None
         if grad is None or grad_loss is None:
-            return (None,) * 8
+            return (None,) * 10
         grad.mul_(grad_loss.to(grad.dtype)[:, None])
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _check_topk(ids: Tensor, logprobs: Tensor, n_rows: int, n_classes: int) -> None:
@@ -326,6 +405,7 @@ def distillation_loss(
     inplace_backward: bool = False,
     return_stats: bool = False,
     shift: int = 0,
+    process_group=None,
 ) -> Tensor | tuple[Tensor, DistillationStats]:
     """The divergence of the student ``softmax(input / temperature)`` from a teacher (module
     docstring), per token, with the gradient of ``input`` made in the same pass.
@@ -353,6 +433,11 @@ def distillation_loss(
         shift: for (..., T, C) inputs, compare position t with the label at t + ``shift``
             (next-token labels: 1); each sequence's last ``shift`` positions are not counted
             (they stay in the output, 0).  The teacher is aligned with the student.
+        process_group: vocabulary parallelism: ``input`` and ``teacher_logits`` hold this
+            rank's contiguous slice of the classes (ranks in order, sizes may differ),
+            ``target`` and ``teacher_topk_ids`` global ids; each row's sums are completed
+            with all-reduces of a few numbers per row (never the logits), and the gradient is
+            this rank's slice.
 
     Returns:
         The loss (float32 for 16-bit inputs, else the input's dtype), and with ``return_stats``
@@ -377,10 +462,18 @@ def distillation_loss(
     if impl == "triton":
         raise NotImplementedError("distillation_loss has no Triton kernels yet: use "
                                   "impl='torch' or 'auto' (the PyTorch implementation)")
-    n_classes = input.shape[-1]
+    n_local = n_classes = input.shape[-1]
     lead = tuple(input.shape[:-1])
-    x = input.reshape(-1, n_classes)
+    x = input.reshape(-1, n_local)
     n = x.shape[0]
+    red = _LOCAL
+    if process_group is not None:
+        from . import distributed
+
+        distributed.check_initialized()
+        layout = distributed.vocab_layout(process_group, n_local, n, input.dtype,
+                                          input.device)
+        n_classes, red = layout.n_classes, _Group(process_group, layout.vocab_start)
     ids = logprobs = teacher = None
     if (teacher_logits is None) == (teacher_topk_ids is None):
         raise ValueError("give the teacher as teacher_logits, or as teacher_topk_ids with "
@@ -395,7 +488,7 @@ def distillation_loss(
                              "teacher_logits.detach() (or compute them under torch.no_grad())")
         if not teacher_logits.is_floating_point():
             raise TypeError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
-        teacher = teacher_logits.reshape(-1, n_classes)
+        teacher = teacher_logits.reshape(-1, n_local)
     else:
         if teacher_topk_logprobs is None:
             raise ValueError("teacher_topk_ids needs teacher_topk_logprobs")
@@ -428,7 +521,8 @@ def distillation_loss(
     opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
                     int(ignore_index))
     loss_rows, div, entropy, agree = DistillationFunction.apply(
-        x, teacher, ids, logprobs, flat_target, factors, opts, bool(inplace_backward))
+        x, teacher, ids, logprobs, flat_target, factors, opts, bool(inplace_backward), red,
+        n_classes)
     out_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
     # Per token the factors are the mask and the token weights (no mean's denominator).
     loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
