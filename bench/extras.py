@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 
@@ -91,12 +92,13 @@ def invariance_cost() -> list[str]:
 
 def _unfused_divergence(x, teacher, divergence, temperature=1.0, beta=0.5):
     """The unfused formula, as training code writes it: log-softmax of both, F.kl_div."""
-    log_q = F.log_softmax(x.float() / temperature, -1)
-    log_p = F.log_softmax(teacher.float() / temperature, -1)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    log_q = F.log_softmax(x.to(acc) / temperature, -1)
+    log_p = F.log_softmax(teacher.to(acc) / temperature, -1)
     if divergence == "forward_kl":
         return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    log_m = torch.logsumexp(torch.stack([log_q + torch.log1p(torch.tensor(-beta)),
-                                         log_p + torch.log(torch.tensor(beta))]), dim=0)
+    log_m = torch.logsumexp(torch.stack([log_q + math.log1p(-beta),
+                                         log_p + math.log(beta)]), dim=0)
     return (beta * F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
             + (1 - beta) * F.kl_div(log_m, log_q, reduction="batchmean", log_target=True))
 

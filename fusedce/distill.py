@@ -77,6 +77,7 @@ class _Options(NamedTuple):
     hard_loss_weight: float
     ignore_index: int
     deferred: bool = False  # (fused linear) gradients made in the backward
+    stats: bool = True  # compute the entropy and the argmax agreement
 
 
 def _log_mixture(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
@@ -188,8 +189,9 @@ def _chunk(x: Tensor, teacher: _Teacher, target: Tensor | None, opts: _Options,
     lse_s = _lse(v, red)
     log_q = v - lse_s[:, None]
     q = log_q.exp()
-    entropy = red.sum(-(q * torch.where(q > 0, log_q, 0.0)).sum(dim=1))
-    student_top = _argmax(z, red)
+    zero = torch.zeros(z.shape[0], dtype=acc, device=z.device)
+    entropy = red.sum(-(q * torch.where(q > 0, log_q, 0.0)).sum(dim=1)) if opts.stats else zero
+    student_top = _argmax(z, red) if opts.stats else None
     n_local = z.shape[1]
     if teacher.logits is not None:
         u = teacher.logits.to(acc)
@@ -197,7 +199,7 @@ def _chunk(x: Tensor, teacher: _Teacher, target: Tensor | None, opts: _Options,
         log_p = u - _lse(u, red)[:, None]
         div, g_bucket = _bucket_terms(log_q, log_p, opts, red)
         grad = q * g_bucket if want_grad else None
-        teacher_top = _argmax(u, red)
+        teacher_top = _argmax(u, red) if opts.stats else None
     else:
         valid = teacher.ids >= 0
         local = teacher.ids - red.start
@@ -230,8 +232,10 @@ def _chunk(x: Tensor, teacher: _Teacher, target: Tensor | None, opts: _Options,
             if want_grad:  # zero outside the ids (an unused slot writes nothing)
                 grad = torch.zeros_like(z)
                 grad[rows[owned], safe[owned]] = (lq.exp() * g_bucket)[owned]
-        best = torch.where(valid, teacher.logprobs.to(acc), -math.inf).argmax(dim=1)
-        teacher_top = teacher.ids.gather(1, best[:, None]).squeeze(1)
+        teacher_top = None
+        if opts.stats:
+            best = torch.where(valid, teacher.logprobs.to(acc), -math.inf).argmax(dim=1)
+            teacher_top = teacher.ids.gather(1, best[:, None]).squeeze(1)
     if grad is not None and t != 1.0:
         grad = grad / t
     loss = div
@@ -246,7 +250,7 @@ def _chunk(x: Tensor, teacher: _Teacher, target: Tensor | None, opts: _Options,
             g_ce = log_s.exp()
             g_ce.scatter_add_(1, safe_t[:, None], -here.to(acc)[:, None])
             grad = grad + opts.hard_loss_weight * g_ce
-    agree = (student_top == teacher_top).to(acc)
+    agree = (student_top == teacher_top).to(acc) if opts.stats else zero
     return loss, grad, div, entropy, agree
 
 
@@ -519,7 +523,7 @@ def distillation_loss(
         lead, n_classes, input.device, target, token_weight, reduction, num_items_in_batch,
         ignore_index, hard_loss_weight, shift)
     opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
-                    int(ignore_index))
+                    int(ignore_index), stats=bool(return_stats))
     loss_rows, div, entropy, agree = DistillationFunction.apply(
         x, teacher, ids, logprobs, flat_target, factors, opts, bool(inplace_backward), red,
         n_classes)
@@ -752,7 +756,7 @@ def linear_distillation_loss(
         lead, n_classes, input.device, target, token_weight, reduction, num_items_in_batch,
         ignore_index, hard_loss_weight, shift)
     opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
-                    int(ignore_index), deferred=reduction == "none")
+                    int(ignore_index), deferred=reduction == "none", stats=bool(return_stats))
     rows = chunk_size or default_chunk_size(n, n_classes, x.shape[1], x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
