@@ -105,6 +105,15 @@ def _worker(rank, world, port, sizes, out_dir):
         loss.backward()
         results["shifted"] = {"loss": loss.detach(), "grad_input": h.grad,
                               "grad_weight": w_local.grad}
+        # Multi-token prediction: two depths' hidden states, shifts (1, 2), one call.
+        h2 = (x.reshape(2, 5, HIDDEN) * 0.5).clone().requires_grad_()
+        h.grad = w_local.grad = None
+        loss = fusedce.shifted_linear_cross_entropy((h, h2), w_local,
+                                                    target.reshape(2, 5).clamp(0), (1, 2),
+                                                    process_group=dist.group.WORLD)
+        loss.backward()
+        results["mtp"] = {"loss": loss.detach(), "grad_input": h.grad, "grad_h2": h2.grad,
+                          "grad_weight": w_local.grad}
         # Sequence parallelism: this rank's equal slice of 12 tokens, every token's target.
         g = torch.Generator().manual_seed(5)
         x12 = torch.randn(12, HIDDEN, generator=g)
@@ -212,6 +221,16 @@ def test_vocab_parallel_linear_matches_single_device(sizes, tmp_path):
         assert rel_err(r["shifted"]["loss"], loss.detach()) <= 1e-5
         assert rel_err(r["shifted"]["grad_input"], h.grad) <= 1e-5
     assert rel_err(torch.cat([r["shifted"]["grad_weight"] for r in per_rank]), w.grad) <= 1e-5
+    h.grad = w.grad = None
+    h2 = (x.reshape(2, 5, HIDDEN) * 0.5).clone().requires_grad_()
+    loss = fusedce.shifted_linear_cross_entropy((h, h2), w, target.reshape(2, 5).clamp(0),
+                                                (1, 2))
+    loss.backward()
+    for r in per_rank:
+        assert rel_err(r["mtp"]["loss"], loss.detach()) <= 1e-5
+        assert rel_err(r["mtp"]["grad_input"], h.grad) <= 1e-5
+        assert rel_err(r["mtp"]["grad_h2"], h2.grad) <= 1e-5
+    assert rel_err(torch.cat([r["mtp"]["grad_weight"] for r in per_rank]), w.grad) <= 1e-5
     g = torch.Generator().manual_seed(5)
     x12 = torch.randn(12, HIDDEN, generator=g)
     t12 = make_targets(12, sum(sizes), ignore_fraction=0.2, generator=g)
