@@ -184,12 +184,12 @@ def _hf_batch():
     return ids, ids.clone()
 
 
-def _hf_train(model, ids, labels):
+def _hf_train(model, ids, labels, **call):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
     for _ in range(2):
         opt.zero_grad()
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(input_ids=ids, labels=labels, **call).loss
         loss.backward()
         opt.step()
         losses.append(loss.detach().clone())
@@ -207,22 +207,30 @@ def _hf_worker(rank, world, port, out_dir):
         from torch.distributed.fsdp import fully_shard
 
         from fusedce.integrations import transformers as fce_hf
+        from fusedce.integrations import trl as fce_trl
 
         mesh = init_device_mesh("cpu", (world,))
-        model = _hf_model()
-        fce_hf.apply(model, fused_linear=True)
-        fully_shard(model.lm_head, mesh=mesh)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
         ids, labels = _hf_batch()
         share = ids.shape[0] // world
         mine = slice(rank * share, (rank + 1) * share)
-        losses, weight = _hf_train(model, ids[mine], labels[mine])
-        gathered = [torch.empty_like(losses) for _ in range(world)]
-        dist.all_gather(gathered, losses)
-        torch.save({"losses": torch.stack(gathered), "weight": weight},
-                   os.path.join(out_dir, f"hf{rank}.pt"))
+        saved = {}
+        for way in ("transformers", "trl"):
+            model = _hf_model()
+            if way == "transformers":
+                fce_hf.apply(model, fused_linear=True)
+                call = {}
+            else:  # TRL's fused head (its loss: the mean negative log-probability)
+                fce_trl.add_fused_lm_head(model)
+                call = {"fused_lm_head": True}
+            fully_shard(model.lm_head, mesh=mesh)
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            losses, weight = _hf_train(model, ids[mine], labels[mine], **call)
+            gathered = [torch.empty_like(losses) for _ in range(world)]
+            dist.all_gather(gathered, losses)
+            saved[way] = {"losses": torch.stack(gathered), "weight": weight}
+        torch.save(saved, os.path.join(out_dir, f"hf{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()
     except Exception:
@@ -231,11 +239,12 @@ def _hf_worker(rank, world, port, out_dir):
         raise
 
 
-def test_transformers_fused_head_under_fsdp2(tmp_path):
-    """apply(model, fused_linear=True) on a Llama whose lm_head is its own fully_shard unit:
-    two steps over two ranks (half the batch each, equal token counts) give each half's loss
-    of the unsharded model and its final head weight."""
+def test_transformers_and_trl_fused_heads_under_fsdp2(tmp_path):
+    """apply(model, fused_linear=True) and TRL's fused head on a Llama whose lm_head is its
+    own fully_shard unit: two steps over two ranks (half the batch each, equal token counts)
+    give each half's loss of the unsharded model and its final head weight."""
     pytest.importorskip("transformers")
+    pytest.importorskip("trl")
     world = 2
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -253,21 +262,29 @@ def test_transformers_fused_head_under_fsdp2(tmp_path):
     per_rank = [torch.load(tmp_path / f"hf{r}.pt") for r in range(world)]
 
     from fusedce.integrations import transformers as fce_hf
+    from fusedce.integrations import trl as fce_trl
 
-    model = _hf_model()
-    fce_hf.apply(model, fused_linear=True)
     ids, labels = _hf_batch()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    halves = []
-    for _ in range(2):  # the mean of the two halves' losses: the data-parallel objective
-        opt.zero_grad()
-        parts = [model(input_ids=ids[s], labels=labels[s]).loss
-                 for s in (slice(0, 2), slice(2, 4))]
-        (sum(parts) / 2).backward()
-        opt.step()
-        halves.append(torch.stack([p.detach() for p in parts]))
-    ref_losses = torch.stack(halves).t()  # (rank, step)
-    for result in per_rank:
-        torch.testing.assert_close(result["losses"], ref_losses, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(result["weight"], model.lm_head.weight.detach(), rtol=1e-5,
-                                   atol=1e-6)
+    for way in ("transformers", "trl"):
+        model = _hf_model()
+        if way == "transformers":
+            fce_hf.apply(model, fused_linear=True)
+            call = {}
+        else:
+            fce_trl.add_fused_lm_head(model)
+            call = {"fused_lm_head": True}
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        halves = []
+        for _ in range(2):  # the mean of the two halves' losses: the data-parallel objective
+            opt.zero_grad()
+            parts = [model(input_ids=ids[s], labels=labels[s], **call).loss
+                     for s in (slice(0, 2), slice(2, 4))]
+            (sum(parts) / 2).backward()
+            opt.step()
+            halves.append(torch.stack([p.detach() for p in parts]))
+        ref_losses = torch.stack(halves).t()  # (rank, step)
+        for result in per_rank:
+            torch.testing.assert_close(result[way]["losses"], ref_losses, rtol=1e-5,
+                                       atol=1e-6, msg=way)
+            torch.testing.assert_close(result[way]["weight"], model.lm_head.weight.detach(),
+                                       rtol=1e-5, atol=1e-6, msg=way)
