@@ -34,8 +34,9 @@ multiplies each row.
 The pass runs over chunks of rows in float32 (``CHUNK_ELEMENTS`` logits at a time), so the
 extra memory is a few float32 chunks besides the gradient (or none with
 ``inplace_backward``); the logits of the student and the teacher are read once.  This is the
-PyTorch implementation; the Triton kernels do not cover distillation yet (``impl="triton"``
-raises, ``"auto"`` takes this one).
+PyTorch implementation; ``fusedce.kernels.kd_fwd`` is the Triton kernel for a teacher given
+as logits (one program per row, three passes for the JSD, two for the KLs), which ``"auto"``
+takes on CUDA.
 """
 
 from __future__ import annotations
@@ -262,12 +263,29 @@ class DistillationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, teacher_logits, ids, logprobs, target, factors, opts, inplace,
-                red=_LOCAL, n_classes=None):
+                red=_LOCAL, n_classes=None, kernels=False):
         want_grad = ctx.needs_input_grad[0]
         n = input.shape[0]
         grad = None
         if want_grad:
             grad = input.detach() if inplace else torch.empty_like(input)
+        if kernels:  # the Triton kernel: one launch, every row
+            from .kernels import kd_fwd
+
+            divergence = opts.divergence
+            if divergence == "jsd" and opts.beta in (0.0, 1.0):
+                divergence = "forward_kl" if opts.beta == 0.0 else "reverse_kl"
+            loss, div, ent, agree = kd_fwd(
+                input, teacher_logits, target, factors, divergence, opts.beta,
+                opts.temperature, opts.hard_loss_weight, opts.ignore_index, opts.stats, grad)
+            zeros = torch.zeros_like(loss)
+            outs = [loss, div, ent if opts.stats else zeros, agree if opts.stats else zeros]
+            if grad is not None and inplace:
+                torch.autograd.graph.increment_version(input)
+            ctx.grad = grad
+            ctx.mark_non_differentiable(*outs[1:])
+            ctx.set_materialize_grads(False)
+            return tuple(outs)
         # (Under a group every rank must cut the same chunks: sized by the whole vocabulary.)
         rows = max(1, CHUNK_ELEMENTS // max(n_classes or input.shape[1], 1))
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -300,9 +318,9 @@ class DistillationFunction(torch.autograd.Function):
         refuse_double_backward("fusedce.distillation_loss")
         grad, ctx.grad = ctx.grad, None
         if grad is None or grad_loss is None:
-            return (None,) * 10
+            return (None,) * 11
         grad.mul_(grad_loss.to(grad.dtype)[:, None])
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_topk(ids: Tensor, logprobs: Tensor, n_rows: int, n_classes: int) -> None:
@@ -429,8 +447,8 @@ def distillation_loss(
         reduction: "none" (per token, (...)), "mean" (over the counted tokens, or
             ``num_items_in_batch``) or "sum".
         token_weight: (...) per-token weights multiplying each token's loss.
-        impl: "auto" or "torch" (the PyTorch implementation); "triton" raises: there are no
-            distillation kernels yet.
+        impl: "auto" (the Triton kernel for a teacher given as logits on CUDA, without a
+            process group; the PyTorch implementation otherwise), "triton" or "torch".
         inplace_backward: write the gradient into ``input``'s storage (its values are gone
             after the call).
         return_stats: also return a ``DistillationStats``.
@@ -463,9 +481,16 @@ def distillation_loss(
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if impl == "triton":
-        raise NotImplementedError("distillation_loss has no Triton kernels yet: use "
-                                  "impl='torch' or 'auto' (the PyTorch implementation)")
+    kernels = False
+    if teacher_logits is not None and process_group is None:
+        from .checks import resolve_impl
+
+        kernels = resolve_impl(impl, input.device, input.dtype) == "triton"
+    elif impl == "triton":
+        raise NotImplementedError("distillation_loss's Triton kernel takes a teacher given as "
+                                  "logits without process_group; top-k teachers and "
+                                  "vocabulary parallelism run in the PyTorch implementation "
+                                  "(impl='torch' or 'auto')")
     n_local = n_classes = input.shape[-1]
     lead = tuple(input.shape[:-1])
     x = input.reshape(-1, n_local)
@@ -524,9 +549,13 @@ def distillation_loss(
         ignore_index, hard_loss_weight, shift)
     opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
                     int(ignore_index), stats=bool(return_stats))
+    if kernels and (x.stride(-1) != 1 or teacher.stride(-1) != 1):
+        if inplace_backward and x.stride(-1) != 1:
+            raise ValueError("inplace_backward=True needs logits with a unit column stride")
+        x, teacher = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, teacher))
     loss_rows, div, entropy, agree = DistillationFunction.apply(
         x, teacher, ids, logprobs, flat_target, factors, opts, bool(inplace_backward), red,
-        n_classes)
+        n_classes, kernels)
     out_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
     # Per token the factors are the mask and the token weights (no mean's denominator).
     loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)

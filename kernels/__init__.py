@@ -1,8 +1,8 @@
 """fusedce's Triton kernels (installed as ``fusedce.kernels``).
 
-``cross_entropy_kernels`` holds the ``@triton.jit`` code and imports only Triton, so any Triton
-host can launch it; ``cross_entropy`` holds the PyTorch launch wrappers, which take and return
-tensors and know nothing of autograd or ``nn``.
+``cross_entropy_kernels`` and ``distill_kernels`` hold the ``@triton.jit`` code and import only
+Triton, so any Triton host can launch it; ``cross_entropy`` and ``distill`` hold the PyTorch
+launch wrappers, which take and return tensors and know nothing of autograd or ``nn``.
 """
 
 if __name__ == "kernels":
@@ -27,6 +27,7 @@ else:
         set_tiling,
         tiling,
     )
+    from .distill import kd_fwd
 
     __all__ = [
         "INTERPRETED",
@@ -37,6 +38,7 @@ else:
         "ce_reduce",
         "ce_row_stats",
         "ce_scale",
+        "kd_fwd",
         "launch_config",
         "rows_of",
         "set_tiling",

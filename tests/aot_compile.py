@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fusedce.kernels import cross_entropy_kernels as ce
+from fusedce.kernels import distill_kernels as kd
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLAGS = ["HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SCALE", "HAS_SOFTCAP", "RETURN_STATS",
@@ -81,6 +82,20 @@ def main() -> int:
                    "rows_per_group": "i32", "n_cols": "i32"}
         _compile(ce.ce_bwd_kernel, bwd_sig, {"BLOCK_SIZE": 4096})
         variants += 1
+        # The distillation kernel: each divergence, with and without the hard label, its own
+        # log-sum-exp, the statistics and the gradient.
+        kd_sig = {"student_ptr": dtype, "teacher_ptr": dtype, "target_ptr": "*i64",
+                  "factor_ptr": "*fp32", "loss_ptr": "*fp32", "div_ptr": "*fp32",
+                  "entropy_ptr": "*fp32", "agree_ptr": "*fp32", "grad_ptr": dtype,
+                  "stride_student_row": "i64", "stride_teacher_row": "i64",
+                  "stride_grad_row": "i64", "n_cols": "i32", "inv_t": "fp32", "beta": "fp32",
+                  "log_beta": "fp32", "log_1m_beta": "fp32", "hard_weight": "fp32",
+                  "ignore_index": "i32"}
+        for divergence, on in itertools.product((0, 1, 2), (False, True)):
+            _compile(kd.kd_fwd_kernel, kd_sig,
+                     dict(BLOCK_SIZE=2048, DIVERGENCE=divergence, HAS_HARD=on, HARD_LSE=on,
+                          STATS=on, COMPUTE_GRAD=True))
+            variants += 1
         print(f"{dtype[1:]}: compiled", flush=True)
     print(f"{variants} kernel variants compiled for sm_90")
     return 0

@@ -1,0 +1,217 @@
+"""Triton kernel for distillation losses against a teacher given as logits.  This module
+imports only Triton.
+
+One program per row reads the student's logits ``z`` and the teacher's ``y`` in blocks, with
+``v = z / T`` and ``u = y / T`` (``inv_t = 1 / T``), ``q = softmax(v)``, ``p = softmax(u)``:
+
+1. both log-sum-exps online, per lane (the online softmax of Milakov & Gimelshein, "Online
+   normalizer calculation for softmax", 2018), and the running sums each divergence needs:
+   forward KL ``KL(p || q) = sum p (u - v) - lse_u + lse_v`` from ``A = sum exp(u - m_u) (u -
+   v)``; reverse KL from ``B = sum exp(v - m_v) (v - u)``; the student's entropy from ``E =
+   sum exp(v - m_v) (v - m_v)`` (``H = log d_v - E / d_v``); each lane's first argmax of ``z``
+   and ``y``; with a hard label at ``T != 1``, ``z``'s own log-sum-exp;
+2. for the generalized JSD only, ``KL(p || m)`` and ``KL(q || m)`` with ``log m = logaddexp(log
+   q + log(1 - beta), log p + log(beta))``, now that both log-sum-exps are known;
+3. the gradient of ``z``, times the row's factor: ``(q - p) / T`` (forward KL), ``q ((log q -
+   log p) - KL) / T`` (reverse KL), ``(1 - beta) q ((log q - log m) - KL(q || m)) / T`` (JSD),
+   plus ``hard_weight * (softmax(z) - onehot(target))``.
+
+A lane's running sums move to a new maximum ``m'`` by ``f = exp(m - m')``: ``d' = f d``,
+``A' = f A`` (teacher sums by the teacher's maximum), ``E' = f (E - (m' - m) d)``.  Masked
+columns add nothing (their terms are selected out before they can make ``0 * inf``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_MIN_F32 = tl.constexpr(-3.4028234663852886e38)
+_MAX_I32 = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _exp(x):
+    return tl.math.exp2(x * _LOG2E)
+
+
+@triton.jit
+def _log(x):
+    return tl.math.log2(x) * _LN2
+
+
+@triton.jit
+def kd_fwd_kernel(
+    student_ptr,  # (N, C) student logits, any float dtype, unit column stride
+    teacher_ptr,  # (N, C) teacher logits, any float dtype, unit column stride
+    target_ptr,  # (N,) int64 hard labels (read when HAS_HARD)
+    factor_ptr,  # (N,) fp32 row factors: counted mask x token weight / the mean's denominator
+    loss_ptr,  # (N,) fp32 out: (divergence + hard_weight * cross-entropy) x factor
+    div_ptr,  # (N,) fp32 out: the divergence (0 where the factor is 0)
+    entropy_ptr,  # (N,) fp32 out: the student's entropy (STATS)
+    agree_ptr,  # (N,) fp32 out: 1 where the student's and teacher's argmax agree (STATS)
+    grad_ptr,  # (N, C) out: factor x the gradient of the student logits (COMPUTE_GRAD)
+    stride_student_row,
+    stride_teacher_row,
+    stride_grad_row,
+    n_cols,
+    inv_t,  # 1 / temperature
+    beta,  # JSD mixture weight of the teacher
+    log_beta,
+    log_1m_beta,
+    hard_weight,
+    ignore_index,
+    BLOCK_SIZE: tl.constexpr,
+    DIVERGENCE: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
+    HAS_HARD: tl.constexpr,
+    HARD_LSE: tl.constexpr,  # the hard label needs z's own log-sum-exp (temperature != 1)
+    STATS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+):
+    """Distillation per row: see the module docstring.  ``grad_ptr`` may alias
+    ``student_ptr`` (in-place backward): each block is read in the last pass before it is
+    written, and the target's logit is read in pass 1."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * stride_student_row
+    t_row = teacher_ptr + row * stride_teacher_row
+    factor = tl.load(factor_ptr + row)
+
+    # 1. Online statistics, per lane.
+    m_v = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d_v = tl.zeros([BLOCK_SIZE], tl.float32)
+    m_u = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d_u = tl.zeros([BLOCK_SIZE], tl.float32)
+    acc = tl.zeros([BLOCK_SIZE], tl.float32)  # A (forward KL) or B (reverse KL)
+    e_v = tl.zeros([BLOCK_SIZE], tl.float32)
+    m_z = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d_z = tl.zeros([BLOCK_SIZE], tl.float32)
+    top_z = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    top_y = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    idx_z = tl.full([BLOCK_SIZE], _MAX_I32, tl.int32)
+    idx_y = tl.full([BLOCK_SIZE], _MAX_I32, tl.int32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n_cols
+        z = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, z * inv_t, -float("inf"))
+        u = tl.where(mask, y * inv_t, -float("inf"))
+        new_v = tl.maximum(m_v, v)
+        f_v = _exp(m_v - new_v)
+        t_v = tl.where(mask, _exp(v - new_v), 0.0)
+        new_u = tl.maximum(m_u, u)
+        f_u = _exp(m_u - new_u)
+        t_u = tl.where(mask, _exp(u - new_u), 0.0)
+        if DIVERGENCE == 0:
+            acc = acc * f_u + tl.where(mask, t_u * (u - v), 0.0)
+        if DIVERGENCE == 1:
+            acc = acc * f_v + tl.where(mask, t_v * (v - u), 0.0)
+        if STATS:
+            e_v = f_v * (e_v - (new_v - m_v) * d_v) + tl.where(mask, t_v * (v - new_v), 0.0)
+            zm = tl.where(mask, z, -float("inf"))
+            ym = tl.where(mask, y, -float("inf"))
+            idx_z = tl.where(zm > top_z, offs, idx_z)
+            top_z = tl.maximum(top_z, zm)
+            idx_y = tl.where(ym > top_y, offs, idx_y)
+            top_y = tl.maximum(top_y, ym)
+        if HARD_LSE:
+            zz = tl.where(mask, z, -float("inf"))
+            new_z = tl.maximum(m_z, zz)
+            d_z = d_z * _exp(m_z - new_z) + tl.where(mask, _exp(zz - new_z), 0.0)
+            m_z = new_z
+        d_v = d_v * f_v + t_v
+        m_v = new_v
+        d_u = d_u * f_u + t_u
+        m_u = new_u
+
+    # Lanes merged.
+    mv = tl.max(m_v, axis=0)
+    sv = _exp(m_v - mv)
+    dv = tl.sum(d_v * sv, axis=0)
+    mu = tl.max(m_u, axis=0)
+    su = _exp(m_u - mu)
+    du = tl.sum(d_u * su, axis=0)
+    lse_v = mv + _log(dv)
+    lse_u = mu + _log(du)
+    div = 0.0
+    if DIVERGENCE == 0:
+        div = tl.sum(acc * su, axis=0) / du - lse_u + lse_v
+    if DIVERGENCE == 1:
+        div = tl.sum(acc * sv, axis=0) / dv - lse_v + lse_u
+
+    # 2. The generalized JSD's two sums, from the known log-sum-exps.
+    kl_q = 0.0
+    if DIVERGENCE == 2:
+        kl_p_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+        kl_q_vec = tl.zeros([BLOCK_SIZE], tl.float32)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            offs = start + tl.arange(0, BLOCK_SIZE)
+            mask = offs < n_cols
+            z = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+            log_q = z * inv_t - lse_v
+            log_p = y * inv_t - lse_u
+            a = log_q + log_1m_beta
+            b = log_p + log_beta
+            hi = tl.maximum(a, b)
+            log_m = hi + _log(1.0 + _exp(tl.minimum(a, b) - hi))
+            p = _exp(log_p)
+            q = _exp(log_q)
+            kl_p_vec += tl.where(mask & (p > 0.0), p * (log_p - log_m), 0.0)
+            kl_q_vec += tl.where(mask & (q > 0.0), q * (log_q - log_m), 0.0)
+        kl_q = tl.sum(kl_q_vec, axis=0)
+        div = beta * tl.sum(kl_p_vec, axis=0) + (1.0 - beta) * kl_q
+
+    # The hard label's cross-entropy at temperature 1 (its logit read before any write).
+    ce = 0.0
+    lse_z = lse_v
+    target = 0
+    if HAS_HARD:
+        target = tl.load(target_ptr + row)
+        here = (target != ignore_index) & (target >= 0) & (target < n_cols)
+        if HARD_LSE:
+            mz = tl.max(m_z, axis=0)
+            lse_z = mz + _log(tl.sum(d_z * _exp(m_z - mz), axis=0))
+        z_t = tl.load(s_row + tl.where(here, target, 0), mask=here, other=0.0).to(tl.float32)
+        ce = tl.where(here, lse_z - z_t, 0.0)
+    tl.store(loss_ptr + row, (div + hard_weight * ce) * factor)
+    tl.store(div_ptr + row, tl.where(factor != 0.0, div, 0.0))
+    if STATS:
+        # Each lane's entropy sum moved to the row's maximum: f (E + (m - mv) d).
+        e_row = tl.sum(tl.where(d_v > 0.0, sv * (e_v + (m_v - mv) * d_v), 0.0), axis=0)
+        tl.store(entropy_ptr + row, _log(dv) - e_row / dv)
+        best_z = tl.max(top_z, axis=0)
+        best_y = tl.max(top_y, axis=0)
+        first_z = tl.min(tl.where(top_z == best_z, idx_z, _MAX_I32), axis=0)
+        first_y = tl.min(tl.where(top_y == best_y, idx_y, _MAX_I32), axis=0)
+        tl.store(agree_ptr + row, tl.where(first_z == first_y, 1.0, 0.0))
+
+    # 3. The gradient of the student logits, times the row's factor.
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * stride_grad_row
+        for start in range(0, n_cols, BLOCK_SIZE):
+            offs = start + tl.arange(0, BLOCK_SIZE)
+            mask = offs < n_cols
+            z = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+            log_q = z * inv_t - lse_v
+            log_p = y * inv_t - lse_u
+            q = _exp(log_q)
+            if DIVERGENCE == 0:
+                g = q - _exp(log_p)
+            elif DIVERGENCE == 1:
+                g = tl.where(q > 0.0, q * ((log_q - log_p) - div), 0.0)
+            else:
+                a = log_q + log_1m_beta
+                b = log_p + log_beta
+                hi = tl.maximum(a, b)
+                log_m = hi + _log(1.0 + _exp(tl.minimum(a, b) - hi))
+                g = tl.where(q > 0.0, (1.0 - beta) * q * ((log_q - log_m) - kl_q), 0.0)
+            g = g * inv_t
+            if HAS_HARD:
+                s = _exp(z - lse_z)
+                g += hard_weight * (s - tl.where((offs == target) & here, 1.0, 0.0))
+            g = tl.where(factor != 0.0, g * factor, 0.0)
+            tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
