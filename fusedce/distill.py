@@ -577,13 +577,15 @@ class LinearDistillationFunction(torch.autograd.Function):
     the backward, by one more pass."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, teacher, target, factors, opts, chunk_rows):
+    def forward(ctx, input, weight, bias, teacher, target, factors, opts, chunk_rows,
+                red=_LOCAL):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2])
         ctx.deferred = opts.deferred and any(need)
         outs, grads = _linear_pass(input, weight, bias, teacher, target, factors, opts,
-                                   chunk_rows, () if ctx.deferred else need)
+                                   chunk_rows, () if ctx.deferred else need, red)
         ctx.need, ctx.opts, ctx.chunk_rows, ctx.teacher = need, opts, chunk_rows, teacher
+        ctx.red = red
         if ctx.deferred:
             ctx.save_for_backward(input, weight, bias, target, factors)
         else:
@@ -598,18 +600,18 @@ class LinearDistillationFunction(torch.autograd.Function):
 
         refuse_double_backward("fusedce.linear_distillation_loss")
         if grad_loss is None:
-            return (None,) * 8
+            return (None,) * 9
         if ctx.deferred:
             input, weight, bias, target, factors = ctx.saved_tensors
             _, grads = _linear_pass(input, weight, bias, ctx.teacher, target,
                                     factors * grad_loss.float(), ctx.opts, ctx.chunk_rows,
-                                    ctx.need)
+                                    ctx.need, ctx.red)
         else:
             grads = ctx.grads
             ctx.grads = None
             grads = [g.mul_(grad_loss[0].to(g.dtype)) if g is not None else None
                      for g in grads]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 class _TeacherSource(NamedTuple):
@@ -634,8 +636,10 @@ class _TeacherSource(NamedTuple):
                           for t in (self.logits, self.ids, self.logprobs)))
 
 
-def _linear_pass(x, w, b, teacher, target, factors, opts, chunk_rows, need):
-    """Chunks of rows: losses and statistics, and the gradients ``need`` asks for (x, w, b)."""
+def _linear_pass(x, w, b, teacher, target, factors, opts, chunk_rows, need, red=_LOCAL):
+    """Chunks of rows: losses and statistics, and the gradients ``need`` asks for (x, w, b);
+    with a group (``red``), ``w`` and ``b`` are this rank's rows and ``grad_input`` is summed
+    over the group."""
     from .linear import _Head
 
     need = tuple(need) + (False,) * (3 - len(need))
@@ -643,7 +647,10 @@ def _linear_pass(x, w, b, teacher, target, factors, opts, chunk_rows, need):
     n = x.shape[0]
     acc = head.acc
     outs = [torch.empty(n, dtype=acc, device=x.device) for _ in range(4)]
-    gx = torch.empty_like(x) if need[0] else None
+    gx = None
+    if need[0]:  # (under a group, float32 partial sums until they are added over it)
+        gx = torch.empty(x.shape, dtype=acc if isinstance(red, _Group) else x.dtype,
+                         device=x.device)
     gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need[1] else None
     gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need[2] else None
     buf = torch.empty(min(chunk_rows, n), w.shape[0], dtype=acc, device=x.device)
@@ -652,7 +659,7 @@ def _linear_pass(x, w, b, teacher, target, factors, opts, chunk_rows, need):
         z = head.logits(x[r0:r1], buf[: r1 - r0])
         loss, g, div, ent, agree = _chunk(z, teacher.rows(r0, r1),
                                           target[r0:r1] if target is not None else None,
-                                          opts, any(need))
+                                          opts, any(need), red)
         f = factors[r0:r1]
         outs[0][r0:r1] = loss * f
         outs[1][r0:r1] = torch.where(f != 0, div, 0.0)
@@ -661,11 +668,17 @@ def _linear_pass(x, w, b, teacher, target, factors, opts, chunk_rows, need):
         if g is not None:
             g = g * f[:, None]
             if need[0]:
-                gx[r0:r1] = (g @ head.w_acc).to(x.dtype)
+                gx[r0:r1] = (g @ head.w_acc).to(gx.dtype)
             if need[1]:
                 gw.addmm_(g.t(), x[r0:r1].to(acc))
             if need[2]:
                 gb += g.sum(dim=0)
+    if gx is not None and isinstance(red, _Group):
+        import torch.distributed as dist
+
+        total = gx.float()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=red.group)
+        gx = total.to(x.dtype)
     grads = (gx, gw.to(w.dtype) if gw is not None else None,
              gb.to(b.dtype) if gb is not None else None)
     return outs, grads
@@ -696,6 +709,7 @@ def linear_distillation_loss(
     impl: Literal["auto", "torch", "triton"] = "auto",
     return_stats: bool = False,
     shift: int = 0,
+    process_group=None,
 ) -> Tensor | tuple[Tensor, DistillationStats]:
     """``distillation_loss`` of the student logits ``input @ linear_weight.T + linear_bias``
     without holding them: rows in chunks of ``chunk_size`` (default: float32 logits about the
@@ -711,6 +725,9 @@ def linear_distillation_loss(
         linear_weight: (C, H) the student's LM head (``linear_bias`` (C,) or None).
         teacher_input, teacher_linear_weight: (..., H_t) and (C, H_t): the teacher's hidden
             states and head (no gradient), or None.
+        process_group: vocabulary parallelism: ``linear_weight`` (and ``linear_bias``, and
+            the teacher's head or logits) hold this rank's contiguous rows of the classes,
+            the hidden states every token; ``grad_input`` is summed over the group.
     """
     from .linear import check_linear_inputs, default_chunk_size
 
@@ -779,18 +796,34 @@ def linear_distillation_loss(
                              f"{tuple(teacher_topk_logprobs.shape)}")
         k = teacher_topk_ids.shape[-1]
         ids, logprobs = teacher_topk_ids.reshape(n, k), teacher_topk_logprobs.reshape(n, k)
-        _check_topk(ids, logprobs, n, n_classes)
+        if process_group is None:  # (under a group, checked with the global classes)
+            _check_topk(ids, logprobs, n, n_classes)
         source = _TeacherSource(None, ids.to(torch.int64), logprobs, None, None, None)
+    red, n_local = _LOCAL, n_classes
+    if process_group is not None:
+        from . import distributed
+
+        distributed.check_initialized()
+        layout = distributed.vocab_layout(process_group, n_local, n, input.dtype,
+                                          input.device, hidden=x.shape[1])
+        n_classes, red = layout.n_classes, _Group(process_group, layout.vocab_start)
+        if source.ids is not None:
+            _check_topk(source.ids, source.logprobs, n, n_classes)
     flat_target, counted, factors = _row_factors(
         lead, n_classes, input.device, target, token_weight, reduction, num_items_in_batch,
         ignore_index, hard_loss_weight, shift)
     opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
                     int(ignore_index), deferred=reduction == "none", stats=bool(return_stats))
-    rows = chunk_size or default_chunk_size(n, n_classes, x.shape[1], x.device)
+    if chunk_size:
+        rows = chunk_size
+    elif process_group is not None:  # every rank the same chunks (no free-memory term)
+        rows = max(1, min(n, max(n * x.shape[1], 1 << 23) // n_classes))
+    else:
+        rows = default_chunk_size(n, n_classes, x.shape[1], x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
     loss_rows, div, entropy, agree = LinearDistillationFunction.apply(
-        x, linear_weight, linear_bias, source, flat_target, factors, opts, rows)
+        x, linear_weight, linear_bias, source, flat_target, factors, opts, rows, red)
     out_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
     loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
     if not return_stats:

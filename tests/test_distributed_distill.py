@@ -1,6 +1,7 @@
 """Vocabulary-parallel distillation over gloo, in separate processes: each rank holds its
-(unequal) slice of the student's and the teacher's logits; the loss, the statistics and the
-gradient concatenated over ranks must equal the single-process loss on the whole logits."""
+(unequal) slice of the student's and the teacher's logits (or of both LM heads, for the fused
+linear form); the loss, the statistics and the gradients (concatenated over ranks where each
+holds a slice) must equal the single-process loss on the whole logits or heads."""
 
 from __future__ import annotations
 
@@ -60,6 +61,34 @@ def _call(x, teacher, target, ids, logprobs, kwargs, group=None):
             "stats": None if stats is None else [s.detach() for s in stats]}
 
 
+LINEAR_CASES = [
+    ("linear-hidden", dict(divergence="jsd", beta=0.3, hard_loss_weight=0.2)),
+    ("linear-topk", dict(topk=True, divergence="reverse_kl", reduction="none")),
+]
+
+
+def _linear_inputs(sizes):
+    g = torch.Generator().manual_seed(6)
+    n_classes = sum(sizes)
+    return (torch.randn(N_ROWS, 12, generator=g), torch.randn(n_classes, 12, generator=g) * 0.5,
+            torch.randn(N_ROWS, 9, generator=g), torch.randn(n_classes, 9, generator=g) * 0.5)
+
+
+def _linear_call(h, w, ht, wt, target, ids, logprobs, kwargs, group=None):
+    import fusedce
+
+    kwargs = dict(kwargs)
+    if kwargs.pop("topk", False):
+        kwargs.update(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+    else:
+        kwargs.update(teacher_input=ht, teacher_linear_weight=wt)
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fusedce.linear_distillation_loss(h, w, target=target, chunk_size=3,
+                                            process_group=group, **kwargs)
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape))
+    return {"loss": loss.detach(), "grad_input": h.grad, "grad_weight": w.grad}
+
+
 def _worker(rank, world, port, sizes, out_dir):
     try:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -74,6 +103,11 @@ def _worker(rank, world, port, sizes, out_dir):
         mine = slice(start, start + sizes[rank])
         results = {name: _call(x[:, mine], teacher[:, mine], target, ids, logprobs, kwargs,
                                dist.group.WORLD) for name, kwargs in CASES}
+        # The fused linear form: this rank's rows of both heads, every token's hidden states.
+        h, w, ht, wt = _linear_inputs(sizes)
+        for name, kwargs in LINEAR_CASES:
+            results[name] = _linear_call(h, w[mine], ht, wt[mine], target, ids, logprobs,
+                                         kwargs, dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()
@@ -110,3 +144,11 @@ def test_vocab_parallel_distillation_matches_single_device(sizes, tmp_path):
                     assert rel_err(got, want) <= 1e-5, name
         grad = torch.cat([r[name]["grad"] for r in per_rank], dim=1)
         assert rel_err(grad, whole["grad"]) <= 1e-5, name
+    h, w, ht, wt = _linear_inputs(sizes)
+    for name, kwargs in LINEAR_CASES:
+        whole = _linear_call(h, w, ht, wt, target, ids, logprobs, kwargs)
+        for r in per_rank:
+            assert rel_err(r[name]["loss"], whole["loss"]) <= 1e-5, name
+            assert rel_err(r[name]["grad_input"], whole["grad_input"]) <= 1e-5, name
+        got = torch.cat([r[name]["grad_weight"] for r in per_rank])
+        assert rel_err(got, whole["grad_weight"]) <= 1e-5, name
