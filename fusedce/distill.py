@@ -269,6 +269,7 @@ class DistillationFunction(torch.autograd.Function):
         grad = None
         if want_grad:
             grad = input.detach() if inplace else torch.empty_like(input)
+        ctx.kernels = kernels
         if kernels:  # the Triton kernel: one launch, every row
             from .kernels import kd_fwd
 
@@ -319,7 +320,11 @@ class DistillationFunction(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None or grad_loss is None:
             return (None,) * 11
-        grad.mul_(grad_loss.to(grad.dtype)[:, None])
+        # grad *= grad_output per row, rows whose factor is exactly 1 untouched (no traffic of
+        # the gradient for the usual grad_output of 1, and no host synchronisation).
+        from . import backends
+
+        backends.get("triton" if ctx.kernels else "torch").ce_bwd(grad, grad_loss)
         return grad, None, None, None, None, None, None, None, None, None, None
 
 

@@ -61,6 +61,10 @@ EXPECTED = {
     "fusedce:stats": (1, 1, 0, 1),  # the statistics ride on the same two reads
     "fusedce:stats_grad": (1, 0, 1, 1),  # 6 bytes per bf16 logit with lse and entropy grads
     "fusedce:vocab_parallel": (1, 0, 1, 1),
+    # Distillation: the student's and the teacher's logits read (2 elements per logit), read
+    # again by the gradient's pass (and by the JSD's second pass), the gradient written.
+    "fusedce:distill_fkl": (2, 2, 0, 1),
+    "fusedce:distill_jsd": (2, 4, 0, 1),
 }
 
 
@@ -85,8 +89,10 @@ def test_no_torch_traffic_no_sync_few_small_ops(traffic):
             # The caller's objective (products, sums) and the statistics' reductions: all
             # per-token sized (checked above), about twenty small operations.
             assert sum(case["torch_ops"].values()) <= 24, case["torch_ops"]
-        elif case["workload"] == "fusedce:stats":
-            # The statistics' per-token reductions (accuracy over the counted tokens).
+        elif case["workload"] in ("fusedce:stats", "fusedce:distill_fkl",
+                                  "fusedce:distill_jsd"):
+            # The statistics' per-token reductions (accuracy over the counted tokens), or the
+            # distillation's per-row factors: per-token work.
             assert sum(case["torch_ops"].values()) <= 12, case["torch_ops"]
         elif case["workload"] != "fusedce:vocab_parallel":  # (its merge stands in for torch)
             assert sum(case["torch_ops"].values()) <= 6, (case["workload"], case["torch_ops"])

@@ -95,6 +95,9 @@ def _install_recorders(launches: list) -> None:
     for name in ("ce_fwd_kernel", "ce_stats_kernel", "ce_bwd_kernel", "ce_scale_kernel",
                  "ce_reduce_kernel"):
         setattr(ce, name, Recorder(getattr(ce, name), launches))
+    import fusedce.kernels.distill as kd
+
+    kd.kd_fwd_kernel = Recorder(kd.kd_fwd_kernel, launches)
     if liger_available() is None:
         import liger_kernel.ops.cross_entropy as lce
 
@@ -119,7 +122,9 @@ def collect_code() -> dict:
                 rows = 64 if workload.few_rows else 8192
                 launches.clear()
                 x = torch.empty(rows, vocab, dtype=dtype)
-                if workload.mode != "vocab_parallel":
+                if workload.distill:
+                    x = (x.requires_grad_(), torch.empty(rows, vocab, dtype=dtype))
+                elif workload.mode != "vocab_parallel":
                     x.requires_grad_()
                 else:
                     x = torch.empty(rows, vocab // 2, dtype=dtype)

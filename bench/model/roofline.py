@@ -65,14 +65,15 @@ def programs_per_sm(code: dict, gpu: Gpu) -> int:
     return max(0, min(by_regs, by_smem, by_threads, gpu.max_blocks_per_sm))
 
 
-def streaming_loops(code: dict, element_size: int) -> list[dict]:
+def streaming_loops(code: dict, element_size: int, tensors: int = 1) -> list[dict]:
     """The innermost loops that stream a logits-sized row: (elements per thread per trip,
-    instructions and EX2 per element of the body, masked or not)."""
+    instructions and EX2 per element of the body, masked or not); ``tensors`` logits-sized
+    tensors are read side by side (2 for a distillation's student and teacher)."""
     out = []
     for loop in code["loops"]:
         if not loop.get("inner", True) or loop["instructions"] <= 2 or loop["load_bytes"] == 0:
             continue  # an outer loop, a branch-only loop, or one that only stores zeros
-        elements = loop["load_bytes"] / element_size
+        elements = loop["load_bytes"] / element_size / tensors
         out.append({"elements": elements, "trip_instructions": loop["instructions"],
                     "trip_ex2": loop["ex2"], "trip_local_bytes": loop.get("local_bytes", 0),
                     "masked": loop.get("predicated", False),
@@ -83,14 +84,14 @@ def streaming_loops(code: dict, element_size: int) -> list[dict]:
 
 
 def whole_path(code: dict, size: int, cols: int, rows_per_program: float,
-               passes: float) -> dict:
+               passes: float, tensors: int = 1) -> dict:
     """Per-thread instructions, EX2 and spill bytes of one program along its whole path:
     trips x body of each streaming loop (``passes`` of them run: a launch that skips its
     loop, as the backward's scaling at grad_output 1, runs none), outer loops' own code per
     row, and the code outside all loops once."""
     threads = 32 * code["num_warps"]
-    loops = streaming_loops(code, size)
-    running = min(len(loops), round(passes)) if loops else 0
+    loops = streaming_loops(code, size, tensors)
+    running = min(len(loops), round(passes / tensors)) if loops else 0
     total = {"instructions": 0.0, "ex2": 0.0, "local_bytes": 0.0}
     for loop in loops[:running]:
         step = loop["elements"] * threads
@@ -143,9 +144,11 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
                         + per_logit["write"] + (1 - hit) * per_logit["same_program"]) \
             + rows * small
         streamed = big_loads / small_logits / size  # passes over the logits this launch made
+        tensors = max(1, sum(1 for k in t_launch["big_args"] if t_launch["loads"].get(k)))
         if streamed:
             rows_per_program = rows * cols / cols_per_program / grid_programs
-            path = whole_path(code, size, cols_per_program, rows_per_program, streamed)
+            path = whole_path(code, size, cols_per_program, rows_per_program, streamed,
+                              tensors)
             threads = 32 * code["num_warps"]
             instructions = path["instructions"] * threads * grid_programs / logits
             ex2 = path["ex2"] * threads * grid_programs / logits
@@ -177,7 +180,7 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
             "hbm_bytes_per_logit": round(hbm / logits, 3),
             "local_bytes_per_logit": round(local, 2),
             "instructions_per_logit": round(instructions, 2), "ex2_per_logit": round(ex2, 2),
-            "loops": streaming_loops(code, size), "bound": bound[1],
+            "loops": streaming_loops(code, size, tensors), "bound": bound[1],
             "ms": round(seconds * 1e3, 4),
         })
         total["kernel_s"] += seconds
@@ -193,7 +196,9 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
     sync_s = traffic["host_syncs"] * SYNC_S
     seconds = total["kernel_s"] + launch_s + sync_s
     backward = not traffic["workload"].endswith(":fwd")
-    floor = (2 if backward else 1) * logits * size / gpu.copy_bytes_per_s
+    # The fewest bytes: the logits read (both models' for a distillation), the gradient written.
+    reads = 2 if ":distill" in traffic["workload"] else 1
+    floor = (reads + (1 if backward else 0)) * logits * size / gpu.copy_bytes_per_s
     return {
         "workload": traffic["workload"], "dtype": dtype, "tokens": rows, "vocab": vocab,
         "gpu": gpu.name, "launches": launches, "kernel_launches": len(launches),

@@ -30,6 +30,7 @@ class Workload:
     go: str | None = None  # grad_output: None (1, made by autograd), "scaled", "per_token"
     few_rows: bool = False  # the headline uses 64 rows (fusedce's split-vocabulary path)
     linear: bool = False  # hidden states and an LM head instead of logits
+    distill: bool = False  # (student logits, teacher logits) instead of logits
 
     @property
     def name(self) -> str:
@@ -99,6 +100,17 @@ def _stats(x, t, go):
     loss.backward(go)
 
 
+def _distill(divergence: str):
+    """Distillation against a teacher given as logits (the Triton kernel): the student's
+    logits are an activation, the teacher's a constant."""
+    def step(x, t, go):
+        student, teacher = x
+        loss = fusedce.distillation_loss(_Activation.apply(student), teacher, impl="triton",
+                                         divergence=divergence)
+        loss.backward()
+    return step
+
+
 def _liger(backward: bool, reduction: str = "mean", accuracy: bool = False):
     def step(x, t, go):
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
@@ -139,6 +151,10 @@ WORKLOADS = [
              _vocab_parallel),
     Workload("fusedce", "linear", "fused linear chunks (hidden 256), grad_output 1", _linear,
              linear=True),
+    Workload("fusedce", "distill_fkl", "distillation, forward KL against teacher logits, "
+             "forward + backward", _distill("forward_kl"), distill=True),
+    Workload("fusedce", "distill_jsd", "distillation, generalized JSD (beta 0.5) against "
+             "teacher logits, forward + backward", _distill("jsd"), distill=True),
     Workload("liger", "fwd", "forward only", _liger(False)),
     Workload("liger", "fwd_bwd", "forward + backward, grad_output 1", _liger(True)),
     Workload("liger", "fwd_bwd_scaled", "grad_output 1/8", _liger(True), go="scaled"),
@@ -167,6 +183,9 @@ def make_inputs(workload: Workload, rows: int, cols: int, dtype: torch.dtype,
         head = (torch.randn(cols, 256, generator=generator) * 0.05).to(dtype).requires_grad_()
         return (hidden, head), target
     x = (torch.randn(rows, cols, generator=generator) * 3).to(dtype)
+    if workload.distill:
+        teacher = (torch.randn(rows, cols, generator=generator) * 3).to(dtype)
+        return (x.requires_grad_(), teacher), target
     if workload.mode != "vocab_parallel":
         x.requires_grad_()
     return x, target
