@@ -333,3 +333,101 @@ def test_trl_policy_and_reference_share_one_head(trainer):
         assert torch.equal(a, b)
     finally:
         fce_trl.revert()
+
+
+def _gkd_run(fused: bool):
+    """GKDTrainer (off-policy: lmbda 0, no sequence KD) distilling one tiny Llama into another,
+    3 SGD steps, stock or with fce_trl.apply(); the logged losses and the final weights."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models
+
+    from fusedce.integrations import trl as fce_trl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+        except ImportError:
+            pytest.skip("this TRL has no GKDTrainer")
+    vocab = 64
+    words = {**{f"t{i}": i for i in range(vocab - 2)}, "<pad>": vocab - 2, "<eos>": vocab - 1}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<pad>")),
+        pad_token="<pad>", eos_token="<eos>")
+
+    def llama(seed):
+        config = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=False, pad_token_id=vocab - 2, eos_token_id=vocab - 1)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config)
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(8):
+        n = int(torch.randint(6, 12, (1,), generator=g))
+        start = int(torch.randint(0, vocab - 2, (1,), generator=g))
+        rows.append({"input_ids": [(start + k) % (vocab - 2) for k in range(n)]})
+
+    def collate(batch):  # the first 3 tokens are the prompt: not counted
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), vocab - 2)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            mask[i, :n] = 1
+            labels[i, 3:n] = ids[i, 3:n]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "prompts": ids[:, :3], "prompt_attention_mask": mask[:, :3]}
+
+    student, teacher = llama(0), llama(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = GKDConfig(output_dir=None, max_steps=3, per_device_train_batch_size=2,
+                         logging_steps=1, report_to=[], save_strategy="no", learning_rate=0.1,
+                         optim="sgd", use_cpu=True, bf16=False, seed=0, data_seed=0,
+                         disable_tqdm=True, lmbda=0.0, seq_kd=False, beta=0.3, max_length=32)
+        if fused:
+            fce_trl.apply()
+        try:
+            trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
+                                 data_collator=collate,
+                                 train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tokenizer)
+            trainer.train()
+        finally:
+            fce_trl.revert()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, [p.detach().clone() for p in student.parameters()]
+
+
+def test_trl_gkd_trainer_matches_stock(tmp_path, monkeypatch):
+    """fce_trl.apply(): GKDTrainer's generalized JSD is fusedce's; 3 steps give TRL's logged
+    losses and final student weights."""
+    from fusedce.integrations import trl as fce_trl
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    ours_fn = fce_trl.generalized_jsd_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return ours_fn(*args, **kwargs)
+
+    stock, w_stock = _gkd_run(False)
+    assert not calls
+    monkeypatch.setattr(fce_trl, "generalized_jsd_loss", counted)
+    ours, w_ours = _gkd_run(True)
+    assert len(calls) == 3  # one loss per step, fusedce's
+    assert len(ours) == len(stock) == 3
+    for a, b in zip(stock, ours):
+        assert a == pytest.approx(b, rel=1e-5)
+    for a, b in zip(w_stock, w_ours):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
