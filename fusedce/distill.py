@@ -276,9 +276,18 @@ class DistillationFunction(torch.autograd.Function):
             divergence = opts.divergence
             if divergence == "jsd" and opts.beta in (0.0, 1.0):
                 divergence = "forward_kl" if opts.beta == 0.0 else "reverse_kl"
-            loss, div, ent, agree = kd_fwd(
-                input, teacher_logits, target, factors, divergence, opts.beta,
-                opts.temperature, opts.hard_loss_weight, opts.ignore_index, opts.stats, grad)
+            if teacher_logits is not None:
+                loss, div, ent, agree = kd_fwd(
+                    input, teacher_logits, target, factors, divergence, opts.beta,
+                    opts.temperature, opts.hard_loss_weight, opts.ignore_index, opts.stats,
+                    grad)
+            else:
+                from .kernels import kd_topk
+
+                loss, div, ent, agree = kd_topk(
+                    input, ids, logprobs, target, factors, divergence, opts.beta,
+                    opts.temperature, opts.tail, opts.hard_loss_weight, opts.ignore_index,
+                    opts.stats, grad)
             zeros = torch.zeros_like(loss)
             outs = [loss, div, ent if opts.stats else zeros, agree if opts.stats else zeros]
             if grad is not None and inplace:
@@ -452,8 +461,8 @@ def distillation_loss(
         reduction: "none" (per token, (...)), "mean" (over the counted tokens, or
             ``num_items_in_batch``) or "sum".
         token_weight: (...) per-token weights multiplying each token's loss.
-        impl: "auto" (the Triton kernel for a teacher given as logits on CUDA, without a
-            process group; the PyTorch implementation otherwise), "triton" or "torch".
+        impl: "auto" (the Triton kernels on CUDA without a process group; the PyTorch
+            implementation otherwise), "triton" or "torch".
         inplace_backward: write the gradient into ``input``'s storage (its values are gone
             after the call).
         return_stats: also return a ``DistillationStats``.
@@ -487,15 +496,14 @@ def distillation_loss(
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     kernels = False
-    if teacher_logits is not None and process_group is None:
+    if process_group is None:
         from .checks import resolve_impl
 
         kernels = resolve_impl(impl, input.device, input.dtype) == "triton"
     elif impl == "triton":
-        raise NotImplementedError("distillation_loss's Triton kernel takes a teacher given as "
-                                  "logits without process_group; top-k teachers and "
-                                  "vocabulary parallelism run in the PyTorch implementation "
-                                  "(impl='torch' or 'auto')")
+        raise NotImplementedError("distillation_loss's Triton kernels run without "
+                                  "process_group; vocabulary parallelism runs in the PyTorch "
+                                  "implementation (impl='torch' or 'auto')")
     n_local = n_classes = input.shape[-1]
     lead = tuple(input.shape[:-1])
     x = input.reshape(-1, n_local)
@@ -554,10 +562,12 @@ def distillation_loss(
         ignore_index, hard_loss_weight, shift)
     opts = _Options(divergence, float(beta), float(temperature), tail, float(hard_loss_weight),
                     int(ignore_index), stats=bool(return_stats))
-    if kernels and (x.stride(-1) != 1 or teacher.stride(-1) != 1):
-        if inplace_backward and x.stride(-1) != 1:
+    if kernels and x.stride(-1) != 1:
+        if inplace_backward:
             raise ValueError("inplace_backward=True needs logits with a unit column stride")
-        x, teacher = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, teacher))
+        x = x.contiguous()
+    if kernels and teacher is not None and teacher.stride(-1) != 1:
+        teacher = teacher.contiguous()
     loss_rows, div, entropy, agree = DistillationFunction.apply(
         x, teacher, ids, logprobs, flat_target, factors, opts, bool(inplace_backward), red,
         n_classes, kernels)

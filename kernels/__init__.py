@@ -27,7 +27,7 @@ else:
         set_tiling,
         tiling,
     )
-    from .distill import kd_fwd
+    from .distill import kd_fwd, kd_topk
 
     __all__ = [
         "INTERPRETED",
@@ -39,6 +39,7 @@ else:
         "ce_row_stats",
         "ce_scale",
         "kd_fwd",
+        "kd_topk",
         "launch_config",
         "rows_of",
         "set_tiling",

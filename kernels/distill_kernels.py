@@ -215,3 +215,190 @@ def kd_fwd_kernel(
                 g += hard_weight * (s - tl.where((offs == target) & here, 1.0, 0.0))
             g = tl.where(factor != 0.0, g * factor, 0.0)
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bucket_g(lq, lp, DIVERGENCE: tl.constexpr, beta, log_beta, log_1m_beta):
+    """Per-bucket pieces for log-masses ``lq``, ``lp`` (``-inf`` for an empty bucket): the
+    divergence's terms, and what ``G`` needs before the row's sums are known."""
+    q = _exp(lq)
+    p = _exp(lp)
+    if DIVERGENCE == 0:
+        terms = tl.where(p > 0.0, p * (lp - lq), 0.0)
+        g = tl.where(q > 0.0, 1.0 - p / q, 0.0)
+        return terms, g, terms * 0.0
+    elif DIVERGENCE == 1:
+        r = tl.where(q > 0.0, lq - lp, 0.0)
+        return q * r, r, q * r
+    else:
+        a = lq + log_1m_beta
+        b = lp + log_beta
+        hi = tl.maximum(a, b)
+        lm = hi + _log(1.0 + _exp(tl.minimum(a, b) - hi))
+        kp = tl.where(p > 0.0, p * (lp - lm), 0.0)
+        s = tl.where(q > 0.0, lq - lm, 0.0)
+        return beta * kp + (1.0 - beta) * q * s, (1.0 - beta) * s, q * s
+
+
+@triton.jit
+def kd_topk_kernel(
+    student_ptr,  # (N, C) student logits, any float dtype, unit column stride
+    ids_ptr,  # (N, K) int64 teacher top-k ids, -1 unused (contiguous)
+    logprobs_ptr,  # (N, K) fp32 the teacher's log-probabilities of those ids
+    target_ptr,  # (N,) int64 hard labels (HAS_HARD)
+    factor_ptr,  # (N,) fp32 row factors
+    loss_ptr,  # (N,) fp32 out: (divergence + hard_weight * cross-entropy) x factor
+    div_ptr,  # (N,) fp32 out: the divergence (0 where the factor is 0)
+    entropy_ptr,  # (N,) fp32 out (STATS)
+    agree_ptr,  # (N,) fp32 out (STATS): the student's argmax is the teacher's top id
+    grad_ptr,  # (N, C) out: factor x the gradient of the student logits (COMPUTE_GRAD)
+    stride_student_row,
+    stride_grad_row,
+    n_cols,
+    k,
+    inv_t,
+    beta,
+    log_beta,
+    log_1m_beta,
+    hard_weight,
+    ignore_index,
+    BLOCK_SIZE: tl.constexpr,
+    K_BLOCK: tl.constexpr,  # k rounded up to a power of two
+    DIVERGENCE: tl.constexpr,
+    RENORMALIZE: tl.constexpr,  # tail="renormalize" (else the k + 1 buckets)
+    HAS_HARD: tl.constexpr,
+    HARD_LSE: tl.constexpr,
+    STATS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+):
+    """Distillation against a top-k teacher (``fusedce.distill``'s module docstring), one
+    program per row: pass 1 over the student's logits keeps the log-sum-exp of every column and
+    of the columns outside the ids (the tail bucket, exact), the entropy sum and the argmax;
+    the epilogue forms the buckets' masses, the divergence and each bucket's ``G``; pass 2
+    writes ``q_c * G`` (the tail's, or the id's own) times the row's factor.  A column's
+    membership in the ids is one comparison with each of the ``K_BLOCK`` ids."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * stride_student_row
+    factor = tl.load(factor_ptr + row)
+    kk = tl.arange(0, K_BLOCK)
+    ids = tl.load(ids_ptr + row * k + kk, mask=kk < k, other=-1)
+    used = ids >= 0
+    lp_ids = tl.where(used, tl.load(logprobs_ptr + row * k + kk, mask=kk < k, other=0.0)
+                      .to(tl.float32), -float("inf"))
+
+    # 1. Online: all columns (m, d), the tail (m_o, d_o), the entropy sum, the argmax.
+    m = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d = tl.zeros([BLOCK_SIZE], tl.float32)
+    m_o = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d_o = tl.zeros([BLOCK_SIZE], tl.float32)
+    e = tl.zeros([BLOCK_SIZE], tl.float32)
+    m_z = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    d_z = tl.zeros([BLOCK_SIZE], tl.float32)
+    top = tl.full([BLOCK_SIZE], _MIN_F32, tl.float32)
+    idx = tl.full([BLOCK_SIZE], _MAX_I32, tl.int32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n_cols
+        z = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, z * inv_t, -float("inf"))
+        new = tl.maximum(m, v)
+        f = _exp(m - new)
+        t = tl.where(mask, _exp(v - new), 0.0)
+        if STATS:
+            e = f * (e - (new - m) * d) + tl.where(mask, t * (v - new), 0.0)
+            zm = tl.where(mask, z, -float("inf"))
+            idx = tl.where(zm > top, offs, idx)
+            top = tl.maximum(top, zm)
+        d = d * f + t
+        m = new
+        member = tl.sum(tl.where(offs[:, None] == ids[None, :], 1, 0), axis=1) > 0
+        vo = tl.where(member, -float("inf"), v)
+        new_o = tl.maximum(m_o, vo)
+        d_o = d_o * _exp(m_o - new_o) + tl.where(mask & ~member, _exp(vo - new_o), 0.0)
+        m_o = new_o
+        if HARD_LSE:
+            zz = tl.where(mask, z, -float("inf"))
+            new_z = tl.maximum(m_z, zz)
+            d_z = d_z * _exp(m_z - new_z) + tl.where(mask, _exp(zz - new_z), 0.0)
+            m_z = new_z
+    mv = tl.max(m, axis=0)
+    sv = _exp(m - mv)
+    dv = tl.sum(d * sv, axis=0)
+    lse = mv + _log(dv)
+    mo = tl.max(m_o, axis=0)
+    do = tl.sum(d_o * _exp(m_o - mo), axis=0)
+    lq_tail = tl.where(do > 0.0, mo + _log(do) - lse, -float("inf"))
+
+    # The buckets: the ids' student log-probabilities (one load each) and the tail.
+    z_ids = tl.load(s_row + tl.where(used, ids, 0), mask=used, other=0.0).to(tl.float32)
+    lq_ids = tl.where(used, z_ids * inv_t - lse, -float("inf"))
+    if RENORMALIZE:
+        mq = tl.max(lq_ids, axis=0)
+        lq_ids = lq_ids - (mq + _log(tl.sum(tl.where(used, _exp(lq_ids - mq), 0.0), axis=0)))
+        mp = tl.max(lp_ids, axis=0)
+        lp_ids = lp_ids - (mp + _log(tl.sum(tl.where(used, _exp(lp_ids - mp), 0.0), axis=0)))
+        terms, g_ids, kl_part = _bucket_g(lq_ids, lp_ids, DIVERGENCE, beta, log_beta,
+                                          log_1m_beta)
+        div = tl.sum(tl.where(used, terms, 0.0), axis=0)
+        kl = tl.sum(tl.where(used, kl_part, 0.0), axis=0)
+        g_tail = 0.0
+    else:
+        p_tail = tl.maximum(1.0 - tl.sum(tl.where(used, _exp(lp_ids), 0.0), axis=0), 0.0)
+        lp_tail = tl.where(p_tail > 0.0, _log(p_tail), -float("inf"))
+        terms, g_ids, kl_part = _bucket_g(lq_ids, lp_ids, DIVERGENCE, beta, log_beta,
+                                          log_1m_beta)
+        t_terms, g_tail, t_kl = _bucket_g(lq_tail, lp_tail, DIVERGENCE, beta, log_beta,
+                                          log_1m_beta)
+        div = tl.sum(tl.where(used, terms, 0.0), axis=0) + t_terms
+        kl = tl.sum(tl.where(used, kl_part, 0.0), axis=0) + t_kl
+    if DIVERGENCE != 0:  # G = r - KL (reverse) or (1 - beta) (s - KL(q || m)) (JSD)
+        scale_kl = 1.0 if DIVERGENCE == 1 else 1.0 - beta
+        g_ids = g_ids - scale_kl * kl
+        g_tail = g_tail - scale_kl * kl
+
+    ce = 0.0
+    lse_z = lse
+    target = 0
+    if HAS_HARD:
+        target = tl.load(target_ptr + row)
+        here = (target != ignore_index) & (target >= 0) & (target < n_cols)
+        if HARD_LSE:
+            mz = tl.max(m_z, axis=0)
+            lse_z = mz + _log(tl.sum(d_z * _exp(m_z - mz), axis=0))
+        z_t = tl.load(s_row + tl.where(here, target, 0), mask=here, other=0.0).to(tl.float32)
+        ce = tl.where(here, lse_z - z_t, 0.0)
+    tl.store(loss_ptr + row, (div + hard_weight * ce) * factor)
+    tl.store(div_ptr + row, tl.where(factor != 0.0, div, 0.0))
+    if STATS:
+        e_row = tl.sum(tl.where(d > 0.0, sv * (e + (m - mv) * d), 0.0), axis=0)
+        tl.store(entropy_ptr + row, _log(dv) - e_row / dv)
+        best = tl.max(top, axis=0)
+        first = tl.min(tl.where(top == best, idx, _MAX_I32), axis=0)
+        best_lp = tl.max(lp_ids, axis=0)
+        teacher_top = tl.min(tl.where(used & (lp_ids == best_lp), kk, K_BLOCK), axis=0)
+        top_id = tl.sum(tl.where(kk == teacher_top, ids, 0), axis=0)
+        tl.store(agree_ptr + row, tl.where(first == top_id, 1.0, 0.0))
+
+    # 2. The gradient: q_c times its bucket's G, times the row's factor.
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * stride_grad_row
+        if RENORMALIZE:
+            q_ids = _exp(lq_ids)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            offs = start + tl.arange(0, BLOCK_SIZE)
+            mask = offs < n_cols
+            z = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+            match = offs[:, None] == ids[None, :]
+            member = tl.sum(tl.where(match, 1, 0), axis=1) > 0
+            g_own = tl.sum(tl.where(match, g_ids[None, :], 0.0), axis=1)
+            if RENORMALIZE:
+                g = tl.sum(tl.where(match, (q_ids * g_ids)[None, :], 0.0), axis=1)
+            else:
+                q = _exp(z * inv_t - lse)
+                g = q * tl.where(member, g_own, g_tail)
+            g = g * inv_t
+            if HAS_HARD:
+                s = _exp(z - lse_z)
+                g += hard_weight * (s - tl.where((offs == target) & here, 1.0, 0.0))
+            g = tl.where(factor != 0.0, g * factor, 0.0)
+            tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -96,6 +96,19 @@ def main() -> int:
                      dict(BLOCK_SIZE=2048, DIVERGENCE=divergence, HAS_HARD=on, HARD_LSE=on,
                           STATS=on, COMPUTE_GRAD=True))
             variants += 1
+        topk_sig = {"student_ptr": dtype, "ids_ptr": "*i64", "logprobs_ptr": "*fp32",
+                    "target_ptr": "*i64", "factor_ptr": "*fp32", "loss_ptr": "*fp32",
+                    "div_ptr": "*fp32", "entropy_ptr": "*fp32", "agree_ptr": "*fp32",
+                    "grad_ptr": dtype, "stride_student_row": "i64", "stride_grad_row": "i64",
+                    "n_cols": "i32", "k": "i32", "inv_t": "fp32", "beta": "fp32",
+                    "log_beta": "fp32", "log_1m_beta": "fp32", "hard_weight": "fp32",
+                    "ignore_index": "i32"}
+        for divergence, renorm in itertools.product((0, 1, 2), (False, True)):
+            _compile(kd.kd_topk_kernel, topk_sig,
+                     dict(BLOCK_SIZE=2048, K_BLOCK=32, DIVERGENCE=divergence,
+                          RENORMALIZE=renorm, HAS_HARD=not renorm, HARD_LSE=not renorm,
+                          STATS=True, COMPUTE_GRAD=True))
+            variants += 1
         print(f"{dtype[1:]}: compiled", flush=True)
     print(f"{variants} kernel variants compiled for sm_90")
     return 0
