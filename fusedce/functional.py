@@ -56,8 +56,14 @@ def _check_probability_call(weight: Tensor | None, n_classes: int, device: torch
 
 def _probability_loss(logits: Tensor, target: Tensor, weight: Tensor | None,
                       options: dict) -> Tensor:
-    """Class probabilities (checked by ``_check_probability_call``): PyTorch's own
-    implementation, with PyTorch's semantics."""
+    """Class probabilities (checked by ``_check_probability_call``), with PyTorch's semantics:
+    (N, C) logits in one fused pass (``fusedce.soft``); other layouts, and a target that
+    requires a gradient, by PyTorch's own implementation."""
+    from . import soft
+
+    if logits.dim() == 2 and not target.requires_grad and options["impl"] != "triton":
+        return soft.soft_cross_entropy(logits, target, weight, options["reduction"],
+                                       float(options["label_smoothing"]))
     if weight is not None:
         weight = weight.to(logits.dtype)
     return F.cross_entropy(logits, target, weight, ignore_index=options["ignore_index"],
@@ -415,8 +421,26 @@ def linear_cross_entropy(
 
 def _linear_probability_loss(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
                              target: Tensor, weight: Tensor | None, options: dict) -> Tensor:
-    loss = _probability_loss(F.linear(input, linear_weight, linear_bias), target, weight,
-                             dict(options, out_dtype=None))
+    """Class probabilities from hidden states: chunks of rows (``fusedce.soft``), never the
+    logits, for ``mean`` and ``sum`` with a target that needs no gradient; otherwise the
+    logits and PyTorch's own implementation."""
+    from . import soft
+
+    if options["reduction"] != "none" and not target.requires_grad:
+        x = input.reshape(-1, input.shape[-1])
+        t = target.reshape(-1, target.shape[-1])
+        rows = options["chunk_size"] or linear.default_chunk_size(
+            x.shape[0], linear_weight.shape[0], x.shape[1], x.device)
+        loss = soft.soft_linear_cross_entropy(
+            x if x.stride(-1) == 1 else x.contiguous(), linear_weight, linear_bias, t,
+            weight, options["reduction"], float(options["label_smoothing"]), rows)
+    else:  # (hidden states (..., H): the classes of the logits are last, rows flattened)
+        n_classes = linear_weight.shape[0]
+        logits = F.linear(input, linear_weight, linear_bias).reshape(-1, n_classes)
+        loss = _probability_loss(logits, target.reshape(-1, n_classes), weight,
+                                 dict(options, out_dtype=None, impl="torch"))
+        if options["reduction"] == "none":
+            loss = loss.reshape(input.shape[:-1])
     return loss.to(options["out_dtype"]) if options["out_dtype"] is not None else loss
 
 

@@ -302,3 +302,72 @@ def test_backward_choice_errors(device):
     x, t = make_logits(3, 10, torch.float32, device), make_targets(3, 10, device)
     with pytest.raises(ValueError, match="backward must be one of"):
         fusedce.cross_entropy(x, t, backward="lazy")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_probability_targets_fused(dtype, weighted, smoothing, reduction, monkeypatch):
+    """Class-probability targets of the input's shape: one fused pass over chunks of rows
+    (several here), PyTorch's semantics (weights, smoothing mixing the target, mean over the
+    rows), against F.cross_entropy in float64; a target that requires grad gets its gradient
+    from PyTorch's own implementation."""
+    from fusedce import soft
+    from fusedce.testing import rel_err
+
+    monkeypatch.setattr(soft, "CHUNK_ELEMENTS", 3 * 37)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(10, 37, generator=g) * 2).to(dtype)
+    t = torch.softmax(torch.randn(10, 37, generator=g), -1)
+    w = torch.rand(37, generator=g) + 0.5 if weighted else None
+    xi = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xi, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+    go = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    (grad,) = torch.autograd.grad(loss, xi, go.to(loss.dtype))
+    ref_x = x.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(
+        ref_x, t.double(), weight=w.double() if w is not None else None, reduction=reduction,
+        label_smoothing=smoothing)
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, go.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert loss.dtype == dtype
+    assert rel_err(loss.float(), ref) <= tol
+    assert rel_err(grad.float(), ref_grad) <= tol
+    tt = t.clone().requires_grad_()
+    loss = fusedce.cross_entropy(x.float(), tt, weight=w, reduction=reduction,
+                                 label_smoothing=smoothing)
+    (g_t,) = torch.autograd.grad(loss.sum(), tt)
+    (ref_t,) = torch.autograd.grad(torch.nn.functional.cross_entropy(
+        x.float(), tt, weight=w, reduction=reduction, label_smoothing=smoothing).sum(), tt)
+    assert rel_err(g_t, ref_t) <= 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_probability_targets_chunked(reduction):
+    """linear_cross_entropy with class probabilities: chunks of rows (never the logits) for
+    mean and sum, the gradients of the hidden states, head and bias as PyTorch's."""
+    from fusedce.testing import rel_err
+
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 5, 8, generator=g)
+    w = torch.randn(23, 8, generator=g) * 0.5
+    b = torch.randn(23, generator=g) * 0.1
+    t = torch.softmax(torch.randn(2, 5, 23, generator=g), -1)
+    cw = torch.rand(23, generator=g) + 0.5
+    results = []
+    for fused in (True, False):
+        hh, ww, bb = (v.clone().requires_grad_() for v in (h, w, b))
+        if fused:
+            loss = fusedce.linear_cross_entropy(hh, ww, t, linear_bias=bb, weight=cw,
+                                                reduction=reduction, label_smoothing=0.1,
+                                                chunk_size=3)
+        else:
+            loss = torch.nn.functional.cross_entropy(
+                torch.nn.functional.linear(hh, ww, bb).reshape(-1, 23), t.reshape(-1, 23),
+                weight=cw, reduction=reduction, label_smoothing=0.1)
+            loss = loss.reshape(2, 5) if reduction == "none" else loss
+        go = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hh, ww, bb), go)))
+    for a, c in zip(*results):
+        assert rel_err(a, c) <= 1e-5
