@@ -8,7 +8,7 @@ import math
 import torch
 import triton
 
-from .cross_entropy import _TILING
+from .cross_entropy import _TILING, _dense
 from .distill_kernels import kd_fwd_kernel, kd_topk_kernel
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -47,6 +47,7 @@ def kd_fwd(
         if t is not None and n_cols > 1 and t.stride(1) != 1:
             raise ValueError(f"kd_fwd's {name} must have a unit column stride")
     device = student.device
+    target, factors = _dense(target), _dense(factors)  # (indexed by a flat row offset)
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     div = torch.empty_like(loss)
     entropy = torch.empty(n_rows if stats else 0, dtype=torch.float32, device=device)
@@ -112,6 +113,7 @@ def kd_topk(
         if t is not None and n_cols > 1 and t.stride(1) != 1:
             raise ValueError(f"kd_topk's {name} must have a unit column stride")
     device = student.device
+    target, factors = _dense(target), _dense(factors)  # (indexed by a flat row offset)
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     div = torch.empty_like(loss)
     entropy = torch.empty(n_rows if stats else 0, dtype=torch.float32, device=device)

@@ -430,3 +430,44 @@ def test_topk_kernel_matches_the_definitions(divergence, beta, temperature, tail
         token_weight=token_weight, reduction=reduction, impl="torch", return_stats=True)
     for ours, theirs in zip(stats, torch_stats):
         assert rel_err(ours.cpu(), theirs) <= 1e-5
+
+
+def test_every_input_layout(impl, device, poison):
+    """Strided, offset and expanded views and narrow dtypes of every tensor a user hands over
+    (logits with a row stride, teacher logits, labels, token weights, top-k ids and
+    log-probabilities) give the contiguous inputs' answer, and leave the caller's tensors
+    bitwise as they were."""
+    from fusedce.kernels import tiling
+
+    g = torch.Generator().manual_seed(12)
+    n, c = 6, 20
+    wide = torch.randn(n, c + 7, generator=g).to(device)
+    x = wide[:, 3:3 + c]  # offset rows with a row stride
+    t_wide = torch.randn(n, 2 * c, generator=g).to(device)
+    teacher = t_wide[:, ::2]  # a column stride
+    labels_wide = torch.randint(0, c, (2 * n,), generator=g).to(device)
+    labels_wide[2] = -100
+    labels = labels_wide[::2]  # strided (and narrow below)
+    weights = torch.tensor(0.7, device=device).expand(n)  # expanded
+    lp, ids = torch.log_softmax(torch.randn(n, c, generator=g).to(device), -1).topk(4, -1)
+    ids_t, lp_t = ids.t().contiguous().t(), lp.t().contiguous().t()  # column-major
+    before = [v.clone() for v in (wide, t_wide, labels_wide, ids_t, lp_t)]
+    common = dict(hard_loss_weight=0.5, impl=impl, reduction="none")
+    with tiling(block_size=8):
+        for kwargs, dense in [
+            (dict(teacher_logits=teacher, target=labels, token_weight=weights),
+             dict(teacher_logits=teacher.contiguous(), target=labels.contiguous(),
+                  token_weight=weights.contiguous())),
+            (dict(target=labels.to(torch.int32), teacher_topk_ids=ids_t,
+                  teacher_topk_logprobs=lp_t),
+             dict(target=labels.contiguous(), teacher_topk_ids=ids, teacher_topk_logprobs=lp)),
+        ]:
+            xi = x.detach().requires_grad_()
+            got = fusedce.distillation_loss(xi, **kwargs, **common)
+            (g_got,) = torch.autograd.grad(got.sum(), xi)
+            xd = x.contiguous().requires_grad_()
+            want = fusedce.distillation_loss(xd, **dense, **common)
+            (g_want,) = torch.autograd.grad(want.sum(), xd)
+            assert rel_err(got, want) <= 1e-6 and rel_err(g_got, g_want) <= 1e-6
+    for a, b in zip(before, (wide, t_wide, labels_wide, ids_t, lp_t)):
+        assert torch.equal(a, b)
