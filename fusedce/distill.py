@@ -337,13 +337,9 @@ class DistillationFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None, None
 
 
-def _check_topk(ids: Tensor, logprobs: Tensor, n_rows: int, n_classes: int) -> None:
-    """Top-k teacher inputs, read on the host: shapes, k, ids in range, no duplicates."""
-    checks.check_tensor("teacher_topk_ids", ids)
-    checks.check_tensor("teacher_topk_logprobs", logprobs)
-    if ids.dim() != 2 or ids.shape[0] != n_rows or tuple(logprobs.shape) != tuple(ids.shape):
-        raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both have shape "
-                         f"({n_rows}, k), got {tuple(ids.shape)} and {tuple(logprobs.shape)}")
+def _check_topk(ids: Tensor, logprobs: Tensor, n_classes: int) -> None:
+    """Top-k teacher inputs as (rows, k) (``_topk_rows``), read on the host: dtypes, k, ids
+    in range, no duplicates, log-probabilities at most 0."""
     if ids.is_floating_point() or not logprobs.is_floating_point():
         raise TypeError("teacher_topk_ids must hold integer ids and teacher_topk_logprobs "
                         "floating-point log-probabilities")
@@ -421,6 +417,51 @@ def _row_factors(lead: tuple, n_classes: int, device: torch.device, target: Tens
     return flat_target, counted, factors
 
 
+def _check_options(divergence: str, tail: str, reduction: str, beta, temperature,
+                   impl: str) -> None:
+    """The keywords both distillation losses take, checked before anything runs."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+
+
+def _topk_rows(ids: Tensor, logprobs: Tensor, lead: tuple) -> tuple[Tensor, Tensor]:
+    """A top-k teacher's (..., k) ids and log-probabilities as (rows, k), their shapes checked
+    against the positions ``lead`` (the ids' values by ``_check_topk``)."""
+    checks.check_tensor("teacher_topk_ids", ids)
+    checks.check_tensor("teacher_topk_logprobs", logprobs)
+    if logprobs.requires_grad:
+        raise ValueError("teacher_topk_logprobs require grad: the teacher gets no gradient")
+    if (ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != lead
+            or tuple(logprobs.shape) != tuple(ids.shape)):
+        raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both have shape "
+                         f"{lead} + (k,), got {tuple(ids.shape)} and {tuple(logprobs.shape)}")
+    k = ids.shape[-1]
+    return ids.reshape(-1, k), logprobs.reshape(-1, k)
+
+
+def _finish(outputs: tuple, counted: Tensor, lead: tuple, reduction: str,
+            dtype: torch.dtype, return_stats: bool):
+    """The per-row results reduced (per token the factors were the mask and the token weights,
+    no mean's denominator), in float32 for 16-bit inputs; with ``return_stats`` the stats."""
+    loss_rows, div, entropy, agree = outputs
+    out_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
+    if not return_stats:
+        return loss
+    agreement = (agree * counted).sum() / counted.sum().clamp(min=1)
+    return loss, DistillationStats(div.reshape(lead), entropy.reshape(lead), agreement)
+
+
 def distillation_loss(
     input: Tensor,
     teacher_logits: Tensor | None = None,
@@ -483,18 +524,7 @@ def distillation_loss(
     if input.dim() < 1 or not input.is_floating_point() or input.shape[-1] == 0:
         raise ValueError(f"input must be floating-point (..., C) student logits, got dtype "
                          f"{input.dtype} and shape {tuple(input.shape)}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    if not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    _check_options(divergence, tail, reduction, beta, temperature, impl)
     kernels = False
     if process_group is None:
         from .checks import resolve_impl
@@ -534,21 +564,8 @@ def distillation_loss(
     else:
         if teacher_topk_logprobs is None:
             raise ValueError("teacher_topk_ids needs teacher_topk_logprobs")
-        for name, t in (("teacher_topk_logprobs", teacher_topk_logprobs),):
-            if t.requires_grad:
-                raise ValueError(f"{name} require grad: the teacher gets no gradient")
-        checks.check_tensor("teacher_topk_ids", teacher_topk_ids)
-        checks.check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
-        if (teacher_topk_ids.dim() != input.dim()
-                or tuple(teacher_topk_ids.shape[:-1]) != lead
-                or tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape)):
-            raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both have shape "
-                             f"{lead} + (k,), got {tuple(teacher_topk_ids.shape)} and "
-                             f"{tuple(teacher_topk_logprobs.shape)}")
-        k = teacher_topk_ids.shape[-1]
-        ids = teacher_topk_ids.reshape(-1, k)
-        logprobs = teacher_topk_logprobs.reshape(-1, k)
-        _check_topk(ids, logprobs, n, n_classes)
+        ids, logprobs = _topk_rows(teacher_topk_ids, teacher_topk_logprobs, lead)
+        _check_topk(ids, logprobs, n_classes)
         ids = ids.to(torch.int64)
     for name, t in (("teacher_logits", teacher), ("teacher_topk_ids", ids),
                     ("teacher_topk_logprobs", logprobs)):
@@ -571,13 +588,8 @@ def distillation_loss(
     loss_rows, div, entropy, agree = DistillationFunction.apply(
         x, teacher, ids, logprobs, flat_target, factors, opts, bool(inplace_backward), red,
         n_classes, kernels)
-    out_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
-    # Per token the factors are the mask and the token weights (no mean's denominator).
-    loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
-    if not return_stats:
-        return loss
-    agreement = (agree * counted).sum() / counted.sum().clamp(min=1)
-    return loss, DistillationStats(div.reshape(lead), entropy.reshape(lead), agreement)
+    return _finish((loss_rows, div, entropy, agree), counted, lead, reduction, input.dtype,
+                   return_stats)
 
 
 class LinearDistillationFunction(torch.autograd.Function):
@@ -747,18 +759,7 @@ def linear_distillation_loss(
     from .linear import check_linear_inputs, default_chunk_size
 
     n_classes = check_linear_inputs(input, linear_weight, linear_bias)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    if not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    _check_options(divergence, tail, reduction, beta, temperature, impl)
     if impl == "triton":
         raise NotImplementedError("linear_distillation_loss has no Triton kernels yet: use "
                                   "impl='torch' or 'auto' (the PyTorch implementation)")
@@ -802,17 +803,9 @@ def linear_distillation_loss(
     else:
         if teacher_topk_logprobs is None:
             raise ValueError("teacher_topk_ids needs teacher_topk_logprobs")
-        if teacher_topk_logprobs.requires_grad:
-            raise ValueError("teacher_topk_logprobs require grad: the teacher gets no gradient")
-        if tuple(teacher_topk_ids.shape[:-1]) != lead or \
-                tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
-            raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both have shape "
-                             f"{lead} + (k,), got {tuple(teacher_topk_ids.shape)} and "
-                             f"{tuple(teacher_topk_logprobs.shape)}")
-        k = teacher_topk_ids.shape[-1]
-        ids, logprobs = teacher_topk_ids.reshape(n, k), teacher_topk_logprobs.reshape(n, k)
+        ids, logprobs = _topk_rows(teacher_topk_ids, teacher_topk_logprobs, lead)
         if process_group is None:  # (under a group, checked with the global classes)
-            _check_topk(ids, logprobs, n, n_classes)
+            _check_topk(ids, logprobs, n_classes)
         source = _TeacherSource(None, ids.to(torch.int64), logprobs, None, None, None)
     red, n_local = _LOCAL, n_classes
     if process_group is not None:
@@ -823,7 +816,7 @@ def linear_distillation_loss(
                                           input.device, hidden=x.shape[1])
         n_classes, red = layout.n_classes, _Group(process_group, layout.vocab_start)
         if source.ids is not None:
-            _check_topk(source.ids, source.logprobs, n, n_classes)
+            _check_topk(source.ids, source.logprobs, n_classes)
     flat_target, counted, factors = _row_factors(
         lead, n_classes, input.device, target, token_weight, reduction, num_items_in_batch,
         ignore_index, hard_loss_weight, shift)
@@ -839,12 +832,8 @@ def linear_distillation_loss(
         x = x.contiguous()
     loss_rows, div, entropy, agree = LinearDistillationFunction.apply(
         x, linear_weight, linear_bias, source, flat_target, factors, opts, rows, red)
-    out_dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
-    loss = (loss_rows.reshape(lead) if reduction == "none" else loss_rows.sum()).to(out_dtype)
-    if not return_stats:
-        return loss
-    agreement = (agree * counted).sum() / counted.sum().clamp(min=1)
-    return loss, DistillationStats(div.reshape(lead), entropy.reshape(lead), agreement)
+    return _finish((loss_rows, div, entropy, agree), counted, lead, reduction, input.dtype,
+                   return_stats)
 
 
 __all__ = ["DistillationFunction", "DistillationStats", "LinearDistillationFunction",

@@ -43,6 +43,31 @@ def _log(x):
 
 
 @triton.jit
+def _lse_step(m, d, x, mask):
+    """One block into each lane's running (max, sum of exp): masked columns add nothing."""
+    xm = tl.where(mask, x, -float("inf"))
+    new = tl.maximum(m, xm)
+    return new, d * _exp(m - new) + tl.where(mask, _exp(xm - new), 0.0)
+
+
+@triton.jit
+def _lse_lanes(m, d):
+    """The lanes' running (max, sum of exp) merged into the row's log-sum-exp."""
+    top = tl.max(m, axis=0)
+    return top + _log(tl.sum(d * _exp(m - top), axis=0))
+
+
+@triton.jit
+def _hard_label(s_row, target_ptr, row, n_cols, ignore_index, lse_z):
+    """The hard label: (cross-entropy at temperature 1, the label, whether it counts); its
+    logit is one load, read before any gradient is written."""
+    target = tl.load(target_ptr + row)
+    here = (target != ignore_index) & (target >= 0) & (target < n_cols)
+    z_t = tl.load(s_row + tl.where(here, target, 0), mask=here, other=0.0).to(tl.float32)
+    return tl.where(here, lse_z - z_t, 0.0), target, here
+
+
+@triton.jit
 def kd_fwd_kernel(
     student_ptr,  # (N, C) student logits, any float dtype, unit column stride
     teacher_ptr,  # (N, C) teacher logits, any float dtype, unit column stride
@@ -117,10 +142,7 @@ def kd_fwd_kernel(
             idx_y = tl.where(ym > top_y, offs, idx_y)
             top_y = tl.maximum(top_y, ym)
         if HARD_LSE:
-            zz = tl.where(mask, z, -float("inf"))
-            new_z = tl.maximum(m_z, zz)
-            d_z = d_z * _exp(m_z - new_z) + tl.where(mask, _exp(zz - new_z), 0.0)
-            m_z = new_z
+            m_z, d_z = _lse_step(m_z, d_z, z, mask)
         d_v = d_v * f_v + t_v
         m_v = new_v
         d_u = d_u * f_u + t_u
@@ -169,13 +191,9 @@ def kd_fwd_kernel(
     lse_z = lse_v
     target = 0
     if HAS_HARD:
-        target = tl.load(target_ptr + row)
-        here = (target != ignore_index) & (target >= 0) & (target < n_cols)
         if HARD_LSE:
-            mz = tl.max(m_z, axis=0)
-            lse_z = mz + _log(tl.sum(d_z * _exp(m_z - mz), axis=0))
-        z_t = tl.load(s_row + tl.where(here, target, 0), mask=here, other=0.0).to(tl.float32)
-        ce = tl.where(here, lse_z - z_t, 0.0)
+            lse_z = _lse_lanes(m_z, d_z)
+        ce, target, here = _hard_label(s_row, target_ptr, row, n_cols, ignore_index, lse_z)
     tl.store(loss_ptr + row, (div + hard_weight * ce) * factor)
     tl.store(div_ptr + row, tl.where(factor != 0.0, div, 0.0))
     if STATS:
@@ -312,22 +330,14 @@ def kd_topk_kernel(
         d = d * f + t
         m = new
         member = tl.sum(tl.where(offs[:, None] == ids[None, :], 1, 0), axis=1) > 0
-        vo = tl.where(member, -float("inf"), v)
-        new_o = tl.maximum(m_o, vo)
-        d_o = d_o * _exp(m_o - new_o) + tl.where(mask & ~member, _exp(vo - new_o), 0.0)
-        m_o = new_o
+        m_o, d_o = _lse_step(m_o, d_o, v, mask & ~member)
         if HARD_LSE:
-            zz = tl.where(mask, z, -float("inf"))
-            new_z = tl.maximum(m_z, zz)
-            d_z = d_z * _exp(m_z - new_z) + tl.where(mask, _exp(zz - new_z), 0.0)
-            m_z = new_z
+            m_z, d_z = _lse_step(m_z, d_z, z, mask)
     mv = tl.max(m, axis=0)
     sv = _exp(m - mv)
     dv = tl.sum(d * sv, axis=0)
     lse = mv + _log(dv)
-    mo = tl.max(m_o, axis=0)
-    do = tl.sum(d_o * _exp(m_o - mo), axis=0)
-    lq_tail = tl.where(do > 0.0, mo + _log(do) - lse, -float("inf"))
+    lq_tail = _lse_lanes(m_o, d_o) - lse  # (-inf when every column is an id)
 
     # The buckets: the ids' student log-probabilities (one load each) and the tail.
     z_ids = tl.load(s_row + tl.where(used, ids, 0), mask=used, other=0.0).to(tl.float32)
@@ -360,13 +370,9 @@ def kd_topk_kernel(
     lse_z = lse
     target = 0
     if HAS_HARD:
-        target = tl.load(target_ptr + row)
-        here = (target != ignore_index) & (target >= 0) & (target < n_cols)
         if HARD_LSE:
-            mz = tl.max(m_z, axis=0)
-            lse_z = mz + _log(tl.sum(d_z * _exp(m_z - mz), axis=0))
-        z_t = tl.load(s_row + tl.where(here, target, 0), mask=here, other=0.0).to(tl.float32)
-        ce = tl.where(here, lse_z - z_t, 0.0)
+            lse_z = _lse_lanes(m_z, d_z)
+        ce, target, here = _hard_label(s_row, target_ptr, row, n_cols, ignore_index, lse_z)
     tl.store(loss_ptr + row, (div + hard_weight * ce) * factor)
     tl.store(div_ptr + row, tl.where(factor != 0.0, div, 0.0))
     if STATS:

@@ -40,3 +40,27 @@ def function_loss(logits, target, weight=None, num_items_in_batch=None, block_si
 
 
 __all__ = ["fusedce", "free_port", "function_loss", "grad_output_for", "set_tiling"]
+
+
+def spawn_ranks(target, world: int, args: tuple, tmp_path, timeout_s: float,
+                prefix: str = "rank") -> list:
+    """Run ``target(rank, world, port, *args)`` in ``world`` spawned processes and return what
+    each saved as ``tmp_path / f"{prefix}{rank}.pt"``.  A worker that fails writes its
+    traceback to ``{prefix}{rank}.err``, which fails the test with it; a worker still alive
+    after ``timeout_s`` is killed."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [f.read_text() for f in tmp_path.glob(f"{prefix}*.err")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(world)]

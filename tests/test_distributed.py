@@ -13,10 +13,9 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fusedce.testing import make_logits, make_targets, reference_extras, rel_err
-from helpers import free_port
+from helpers import spawn_ranks
 
 TIMEOUT_S = 240
 
@@ -134,22 +133,8 @@ def _worker(rank, world, port, sizes, out_dir, backend):
 
 
 def _run(sizes, tmp_path, backend="gloo"):
-    world = len(sizes)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, str(tmp_path), backend))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [f.read_text() for f in tmp_path.glob("*.err")]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return spawn_ranks(_worker, len(sizes), (sizes, str(tmp_path), backend), tmp_path,
+                       TIMEOUT_S)
 
 
 @pytest.mark.parametrize("sizes", [(70, 57), (40, 61, 26)], ids=["2-ranks", "3-ranks"])

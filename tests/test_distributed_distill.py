@@ -11,10 +11,9 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fusedce.testing import rel_err
-from helpers import free_port
+from helpers import spawn_ranks
 
 TIMEOUT_S = 240
 N_ROWS = 7
@@ -119,21 +118,8 @@ def _worker(rank, world, port, sizes, out_dir):
 
 @pytest.mark.parametrize("sizes", [(30, 23), (20, 17, 19)], ids=["2-ranks", "3-ranks"])
 def test_vocab_parallel_distillation_matches_single_device(sizes, tmp_path):
-    world = len(sizes)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, sizes, str(tmp_path)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [f.read_text() for f in tmp_path.glob("*.err")]
-    assert not errors, errors[0]
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    per_rank = spawn_ranks(_worker, len(sizes), (sizes, str(tmp_path)), tmp_path,
+                           TIMEOUT_S)
     x, teacher, target, ids, logprobs = _inputs(sizes)
     for name, kwargs in CASES:
         whole = _call(x, teacher, target, ids, logprobs, kwargs)

@@ -12,9 +12,8 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import free_port
+from helpers import spawn_ranks
 
 TIMEOUT_S = 300
 VOCAB, HIDDEN, STEPS, LR = 50, 16, 3, 0.5
@@ -140,21 +139,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_sharded_heads_train_like_the_unsharded_one(tmp_path):
-    world = 2
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [f.read_text() for f in tmp_path.glob("*.err")]
-    assert not errors, errors[0]
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    per_rank = spawn_ranks(_worker, 2, (str(tmp_path),), tmp_path, TIMEOUT_S)
     ref_losses, ref_weights = _unsharded()
     assert ref_losses[-1] < ref_losses[0]  # it learns
     for result in per_rank:
@@ -245,21 +230,8 @@ def test_transformers_and_trl_fused_heads_under_fsdp2(tmp_path):
     give each half's loss of the unsharded model and its final head weight."""
     pytest.importorskip("transformers")
     pytest.importorskip("trl")
-    world = 2
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_hf_worker, args=(r, world, port, str(tmp_path)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [f.read_text() for f in tmp_path.glob("*.err")]
-    assert not errors, errors[0]
-    per_rank = [torch.load(tmp_path / f"hf{r}.pt") for r in range(world)]
+    per_rank = spawn_ranks(_hf_worker, 2, (str(tmp_path),), tmp_path, TIMEOUT_S,
+                           prefix="hf")
 
     from fusedce.integrations import transformers as fce_hf
     from fusedce.integrations import trl as fce_trl
