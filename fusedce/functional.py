@@ -57,13 +57,16 @@ def _check_probability_call(weight: Tensor | None, n_classes: int, device: torch
 def _probability_loss(logits: Tensor, target: Tensor, weight: Tensor | None,
                       options: dict) -> Tensor:
     """Class probabilities (checked by ``_check_probability_call``), with PyTorch's semantics:
-    (N, C) logits in one fused pass (``fusedce.soft``); other layouts, and a target that
-    requires a gradient, by PyTorch's own implementation."""
+    (N, C) logits in one fused pass (``fusedce.soft``, on the Triton kernels or PyTorch as
+    ``impl`` resolves); other layouts, and a target that requires a gradient, by PyTorch's
+    own implementation."""
     from . import soft
 
-    if logits.dim() == 2 and not target.requires_grad and options["impl"] != "triton":
+    impl = checks.resolve_impl(options["impl"], logits.device, logits.dtype)
+    if logits.dim() == 2 and not target.requires_grad:
         return soft.soft_cross_entropy(logits, target, weight, options["reduction"],
-                                       float(options["label_smoothing"]))
+                                       float(options["label_smoothing"]),
+                                       kernels=impl == "triton")
     if weight is not None:
         weight = weight.to(logits.dtype)
     return F.cross_entropy(logits, target, weight, ignore_index=options["ignore_index"],

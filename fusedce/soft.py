@@ -7,7 +7,9 @@ does for probabilities) and class weights ``w``: ``loss = -sum_c w_c t'_c log so
 and ``d loss / d x = (sum_c w_c t'_c) softmax(x) - w t'``.  ``mean`` divides the sum by the
 number of rows (PyTorch's rule for probabilities: the weights are not in the denominator).
 The target gets no gradient here: a target that requires one goes to PyTorch's own
-``F.cross_entropy`` (the caller's choice, ``fusedce.functional``).
+``F.cross_entropy`` (the caller's choice, ``fusedce.functional``).  On the Triton
+implementation the same pass is ``fusedce.kernels.soft_ce``: one program per row, or the
+vocabulary split across programs for few rows.
 """
 
 from __future__ import annotations
@@ -37,17 +39,27 @@ def _rows(x: Tensor, t: Tensor, weight: Tensor | None, smoothing: float,
 
 
 class SoftTargetFunction(torch.autograd.Function):
-    """``apply(input (N, C), target (N, C), weight (C,) or None, smoothing, factor)`` returns
-    the per-row losses times ``factor``; the gradient of ``input`` is made in the forward and
-    scaled by ``grad_output`` (per row) in the backward."""
+    """``apply(input (N, C), target (N, C), weight (C,) or None, smoothing, factor, kernels)``
+    returns the per-row losses times ``factor``; the gradient of ``input`` is made in the
+    forward and scaled by ``grad_output`` (per row) in the backward.  ``kernels``: run the
+    Triton kernels (else PyTorch operations over chunks of rows)."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, smoothing, factor):
+    def forward(ctx, input, target, weight, smoothing, factor, kernels=False):
         want_grad = ctx.needs_input_grad[0]
         n = input.shape[0]
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        out = torch.empty(n, dtype=acc, device=input.device)
         grad = torch.empty_like(input) if want_grad else None
+        ctx.kernels = kernels
+        if kernels:
+            from .kernels import soft_ce
+
+            factors = torch.full((n,), float(factor), dtype=torch.float32, device=input.device)
+            out = soft_ce(input, target, weight, smoothing, factors, grad)
+            ctx.grad = grad
+            ctx.set_materialize_grads(False)
+            return out
+        out = torch.empty(n, dtype=acc, device=input.device)
         rows = max(1, CHUNK_ELEMENTS // max(input.shape[1], 1))
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
@@ -61,24 +73,25 @@ class SoftTargetFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
-        from . import torch_impl
+        from . import backends
         from .autograd import refuse_double_backward
 
         refuse_double_backward("fusedce.cross_entropy (class probabilities)")
         grad, ctx.grad = ctx.grad, None
         if grad is None or grad_rows is None:
-            return None, None, None, None, None
-        torch_impl.ce_bwd(grad, grad_rows)
-        return grad, None, None, None, None
+            return None, None, None, None, None, None
+        backends.get("triton" if ctx.kernels else "torch").ce_bwd(grad, grad_rows)
+        return grad, None, None, None, None, None
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None,
-                       reduction: str, smoothing: float) -> Tensor:
+                       reduction: str, smoothing: float, kernels: bool = False) -> Tensor:
     """(N, C) logits against (N, C) probabilities (checked by the caller), reduced as PyTorch
-    does; the result in the logits' dtype."""
+    does; the result in the logits' dtype.  ``kernels``: on the Triton kernels."""
     n = logits.shape[0]
     factor = 1.0 / n if reduction == "mean" and n else 1.0
-    rows = SoftTargetFunction.apply(logits, target.detach(), weight, float(smoothing), factor)
+    rows = SoftTargetFunction.apply(logits, target.detach(), weight, float(smoothing), factor,
+                                    kernels)
     loss = rows if reduction == "none" else rows.sum()
     if reduction == "mean" and n == 0:
         loss = loss * float("nan")  # PyTorch's 0 / 0 for an empty batch

@@ -1,8 +1,9 @@
 """fusedce's Triton kernels (installed as ``fusedce.kernels``).
 
-``cross_entropy_kernels`` and ``distill_kernels`` hold the ``@triton.jit`` code and import only
-Triton, so any Triton host can launch it; ``cross_entropy`` and ``distill`` hold the PyTorch
-launch wrappers, which take and return tensors and know nothing of autograd or ``nn``.
+``cross_entropy_kernels``, ``distill_kernels`` and ``soft_kernels`` hold the ``@triton.jit``
+code and import only Triton, so any Triton host can launch it; ``cross_entropy``, ``distill``
+and ``soft`` hold the PyTorch launch wrappers, which take and return tensors and know nothing
+of autograd or ``nn``.
 """
 
 if __name__ == "kernels":
@@ -28,6 +29,7 @@ else:
         tiling,
     )
     from .distill import kd_fwd, kd_topk
+    from .soft import soft_ce
 
     __all__ = [
         "INTERPRETED",
@@ -43,5 +45,6 @@ else:
         "launch_config",
         "rows_of",
         "set_tiling",
+        "soft_ce",
         "tiling",
     ]

@@ -109,6 +109,62 @@ def main() -> int:
                           RENORMALIZE=renorm, HAS_HARD=not renorm, HARD_LSE=not renorm,
                           STATS=True, COMPUTE_GRAD=True))
             variants += 1
+        # The split path's kernels (few rows: the vocabulary across programs).
+        chunk = {"n_rows": "i32", "n_cols": "i32", "cols_per_split": "i32", "n_splits": "i32"}
+        logs = {"inv_t": "fp32", "beta": "fp32", "log_beta": "fp32", "log_1m_beta": "fp32",
+                "hard_weight": "fp32", "ignore_index": "i32"}
+        for divergence, on in itertools.product((0, 1, 2), (False, True)):
+            _compile(kd.kd_partial_kernel,
+                     {"student_ptr": dtype, "teacher_ptr": dtype, "part_ptr": "*fp32",
+                      "first_ptr": "*i32", "stride_student_row": "i64",
+                      "stride_teacher_row": "i64", **chunk, "inv_t": "fp32"},
+                     dict(BLOCK_SIZE=2048, DIVERGENCE=divergence, HARD_LSE=on, STATS=on))
+            _compile(kd.kd_merge_kernel,
+                     {"student_ptr": dtype, "part_ptr": "*fp32", "first_ptr": "*i32",
+                      "target_ptr": "*i64", "row_ptr": "*fp32", "entropy_ptr": "*fp32",
+                      "agree_ptr": "*fp32", "stride_student_row": "i64", "n_rows": "i32",
+                      "n_cols": "i32", "n_splits": "i32", "ignore_index": "i32"},
+                     dict(SPLIT_BLOCK=8, DIVERGENCE=divergence, HAS_HARD=on, HARD_LSE=on,
+                          STATS=on))
+            _compile(kd.kd_grad_kernel,
+                     {"student_ptr": dtype, "teacher_ptr": dtype, "row_ptr": "*fp32",
+                      "kl_q_ptr": "*fp32", "target_ptr": "*i64", "factor_ptr": "*fp32",
+                      "grad_ptr": dtype, "stride_student_row": "i64",
+                      "stride_teacher_row": "i64", "stride_grad_row": "i64", "n_rows": "i32",
+                      "n_cols": "i32", "cols_per_split": "i32", **logs},
+                     dict(BLOCK_SIZE=2048, DIVERGENCE=divergence, HAS_HARD=on))
+            variants += 3
+        _compile(kd.kd_jsd_partial_kernel,
+                 {"student_ptr": dtype, "teacher_ptr": dtype, "row_ptr": "*fp32",
+                  "part_ptr": "*fp32", "stride_student_row": "i64",
+                  "stride_teacher_row": "i64", **chunk, "inv_t": "fp32", "log_beta": "fp32",
+                  "log_1m_beta": "fp32"}, dict(BLOCK_SIZE=2048))
+        variants += 1
+        for divergence, renorm in itertools.product((0, 1, 2), (False, True)):
+            on = not renorm
+            _compile(kd.kd_topk_partial_kernel,
+                     {"student_ptr": dtype, "ids_ptr": "*i64", "part_ptr": "*fp32",
+                      "first_ptr": "*i32", "stride_student_row": "i64", **chunk, "k": "i32",
+                      "inv_t": "fp32"},
+                     dict(BLOCK_SIZE=2048, K_BLOCK=32, HARD_LSE=on, STATS=on))
+            _compile(kd.kd_topk_merge_kernel,
+                     {"student_ptr": dtype, "ids_ptr": "*i64", "logprobs_ptr": "*fp32",
+                      "part_ptr": "*fp32", "first_ptr": "*i32", "target_ptr": "*i64",
+                      "factor_ptr": "*fp32", "loss_ptr": "*fp32", "div_ptr": "*fp32",
+                      "entropy_ptr": "*fp32", "agree_ptr": "*fp32", "coef_ptr": "*fp32",
+                      "row_ptr": "*fp32", "stride_student_row": "i64", "n_rows": "i32",
+                      "n_cols": "i32", "n_splits": "i32", "k": "i32", **logs},
+                     dict(SPLIT_BLOCK=8, K_BLOCK=32, DIVERGENCE=divergence, RENORMALIZE=renorm,
+                          HAS_HARD=on, HARD_LSE=on, STATS=True))
+            _compile(kd.kd_topk_grad_kernel,
+                     {"student_ptr": dtype, "ids_ptr": "*i64", "coef_ptr": "*fp32",
+                      "row_ptr": "*fp32", "target_ptr": "*i64", "factor_ptr": "*fp32",
+                      "grad_ptr": dtype, "stride_student_row": "i64",
+                      "stride_grad_row": "i64", "n_rows": "i32", "n_cols": "i32",
+                      "cols_per_split": "i32", "k": "i32", "inv_t": "fp32",
+                      "hard_weight": "fp32", "ignore_index": "i32"},
+                     dict(BLOCK_SIZE=2048, K_BLOCK=32, RENORMALIZE=renorm, HAS_HARD=on))
+            variants += 3
         print(f"{dtype[1:]}: compiled", flush=True)
     print(f"{variants} kernel variants compiled for sm_90")
     return 0

@@ -304,27 +304,37 @@ def test_backward_choice_errors(device):
         fusedce.cross_entropy(x, t, backward="lazy")
 
 
+@pytest.mark.parametrize("path", ["torch", "kernel", "kernel-split"])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_probability_targets_fused(dtype, weighted, smoothing, reduction, monkeypatch):
-    """Class-probability targets of the input's shape: one fused pass over chunks of rows
-    (several here), PyTorch's semantics (weights, smoothing mixing the target, mean over the
-    rows), against F.cross_entropy in float64; a target that requires grad gets its gradient
-    from PyTorch's own implementation."""
+def test_probability_targets_fused(dtype, weighted, smoothing, reduction, path, monkeypatch,
+                                   poison):
+    """Class-probability targets of the input's shape: one fused pass, PyTorch's semantics
+    (weights, smoothing mixing the target, mean over the rows), against F.cross_entropy in
+    float64.  The PyTorch implementation over several chunks of rows; the Triton kernels with
+    8-column blocks (several per row and a masked tail), one program per row or the vocabulary
+    split across three; the target a column-strided view, left as it was.  A target that
+    requires grad gets its gradient from PyTorch's own implementation."""
     from fusedce import soft
+    from fusedce.kernels import tiling
     from fusedce.testing import rel_err
 
     monkeypatch.setattr(soft, "CHUNK_ELEMENTS", 3 * 37)
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(10, 37, generator=g) * 2).to(dtype)
-    t = torch.softmax(torch.randn(10, 37, generator=g), -1)
+    t_wide = torch.softmax(torch.randn(10, 74, generator=g), -1) * 2
+    t = t_wide[:, ::2]
+    before = t_wide.clone()
     w = torch.rand(37, generator=g) + 0.5 if weighted else None
     xi = x.clone().requires_grad_()
-    loss = fusedce.cross_entropy(xi, t, weight=w, reduction=reduction, label_smoothing=smoothing)
-    go = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
-    (grad,) = torch.autograd.grad(loss, xi, go.to(loss.dtype))
+    impl = "torch" if path == "torch" else "triton"
+    with tiling(block_size=8, n_splits=3 if path == "kernel-split" else 1):
+        loss = fusedce.cross_entropy(xi, t, weight=w, reduction=reduction,
+                                     label_smoothing=smoothing, impl=impl)
+        go = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+        (grad,) = torch.autograd.grad(loss, xi, go.to(loss.dtype))
     ref_x = x.double().requires_grad_()
     ref = torch.nn.functional.cross_entropy(
         ref_x, t.double(), weight=w.double() if w is not None else None, reduction=reduction,
@@ -334,6 +344,9 @@ def test_probability_targets_fused(dtype, weighted, smoothing, reduction, monkey
     assert loss.dtype == dtype
     assert rel_err(loss.float(), ref) <= tol
     assert rel_err(grad.float(), ref_grad) <= tol
+    assert torch.equal(t_wide, before)
+    if path != "torch":
+        return
     tt = t.clone().requires_grad_()
     loss = fusedce.cross_entropy(x.float(), tt, weight=w, reduction=reduction,
                                  label_smoothing=smoothing)

@@ -432,6 +432,78 @@ def test_topk_kernel_matches_the_definitions(divergence, beta, temperature, tail
         assert rel_err(ours.cpu(), theirs) <= 1e-5
 
 
+@pytest.mark.parametrize("form", ["logits", "bucket", "renormalize"])
+@pytest.mark.parametrize("divergence, beta", PAIRS, ids=[f"{d}-{b}" for d, b in PAIRS])
+def test_kernels_split_path(divergence, beta, form, device, poison, monkeypatch):
+    """Few rows: the vocabulary split across programs (4-column blocks, 3 chunks of 48, 48 and
+    a masked 24 columns per row), chunks merged per row, then the gradient per chunk, in
+    place and out of place, with ignored rows, token weights, a hard loss at temperature 2,
+    and the statistics, against the float64 formulas and the PyTorch implementation; the
+    split kernels are the ones that ran."""
+    from fusedce.kernels import distill as kd
+    from fusedce.kernels import tiling
+
+    launched = []
+    for name in ("kd_partial_kernel", "kd_topk_partial_kernel", "kd_fwd_kernel",
+                 "kd_topk_kernel"):
+        kernel = getattr(kd, name)
+        monkeypatch.setattr(kd, name, _Spy(kernel, name, launched))
+    g = torch.Generator().manual_seed(hash((divergence, beta, form)) % 1000)
+    x = (torch.randn(N, 120, generator=g) * 2).to(torch.bfloat16)
+    teacher = torch.randn(N, 120, generator=g) * 2
+    log_p = torch.log_softmax(teacher.double() / 2.0, -1)
+    ids = log_p.topk(K, dim=1).indices
+    ids[2, -1] = -1
+    logprobs = torch.log_softmax(teacher.double(), -1).gather(1, ids.clamp(min=0)).float()
+    target = torch.randint(0, 120, (N,), generator=g)
+    target[[1, 5]] = -100
+    token_weight = torch.rand(N, generator=g) + 0.5
+    if form == "logits":
+        kwargs, ref_args = dict(teacher_logits=teacher.to(device)), (teacher, None, None)
+        tail = "bucket"
+    else:
+        kwargs = dict(teacher_topk_ids=ids.to(device), teacher_topk_logprobs=logprobs.to(device),
+                      tail=form)
+        ref_args, tail = (None, ids, logprobs), form
+    common = dict(target=target.to(device), divergence=divergence, beta=beta, temperature=2.0,
+                  hard_loss_weight=0.5, token_weight=token_weight.to(device), reduction="none")
+    go = torch.linspace(0.5, 1.5, N)
+    with tiling(block_size=4, n_splits=3):
+        xi = x.to(device).requires_grad_()
+        loss, stats = fusedce.distillation_loss(xi, **kwargs, **common, impl="triton",
+                                                return_stats=True)
+        (grad,) = torch.autograd.grad(loss, xi, go.to(device))
+        h = x.to(device).requires_grad_()
+        logits = h * 1.0
+        loss2 = fusedce.distillation_loss(logits, **kwargs, **common, impl="triton",
+                                          inplace_backward=True)
+        loss2.backward(go.to(device))
+    assert {"kd_fwd_kernel", "kd_topk_kernel"}.isdisjoint(launched) and launched
+    ref, ref_grad, ref_go = _reference(x.float(), *ref_args, target, divergence, beta, 2.0,
+                                       tail, 0.5, token_weight, "none")
+    assert torch.equal(ref_go.float(), go)
+    assert rel_err(loss.cpu(), ref) <= 1e-5
+    assert rel_err(grad.float().cpu(), ref_grad) <= 1e-2
+    assert torch.equal(loss2, loss) and torch.equal(h.grad, grad)
+    torch_loss, torch_stats = fusedce.distillation_loss(x.float(), **{
+        k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}, **{
+        k: v.cpu() if torch.is_tensor(v) else v for k, v in common.items()}, impl="torch",
+        return_stats=True)
+    for ours, theirs in zip(stats, torch_stats):
+        assert rel_err(ours.cpu(), theirs) <= 1e-5
+
+
+class _Spy:
+    """A kernel whose launches are recorded by name."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
 def test_every_input_layout(impl, device, poison):
     """Strided, offset and expanded views and narrow dtypes of every tensor a user hands over
     (logits with a row stride, teacher logits, labels, token weights, top-k ids and

@@ -96,8 +96,12 @@ def _install_recorders(launches: list) -> None:
                  "ce_reduce_kernel"):
         setattr(ce, name, Recorder(getattr(ce, name), launches))
     import fusedce.kernels.distill as kd
+    import fusedce.kernels.soft as soft
 
-    kd.kd_fwd_kernel = Recorder(kd.kd_fwd_kernel, launches)
+    for module in (kd, soft):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                setattr(module, name, Recorder(getattr(module, name), launches))
     if liger_available() is None:
         import liger_kernel.ops.cross_entropy as lce
 

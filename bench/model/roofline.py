@@ -65,6 +65,10 @@ def programs_per_sm(code: dict, gpu: Gpu) -> int:
     return max(0, min(by_regs, by_smem, by_threads, gpu.max_blocks_per_sm))
 
 
+# Workloads that read a second logits-sized tensor beside the logits.
+TWO_INPUTS = ("distill", "soft_targets")
+
+
 def streaming_loops(code: dict, element_size: int, tensors: int = 1) -> list[dict]:
     """The innermost loops that stream a logits-sized row: (elements per thread per trip,
     instructions and EX2 per element of the body, masked or not); ``tensors`` logits-sized
@@ -196,8 +200,9 @@ def predict(traffic: dict, code_case: dict, kernels: dict, tokens: int, gpu: Gpu
     sync_s = traffic["host_syncs"] * SYNC_S
     seconds = total["kernel_s"] + launch_s + sync_s
     backward = not traffic["workload"].endswith(":fwd")
-    # The fewest bytes: the logits read (both models' for a distillation), the gradient written.
-    reads = 2 if ":distill" in traffic["workload"] else 1
+    # The fewest bytes: the logits read (and the teacher's logits or the target probabilities
+    # beside them), the gradient written.
+    reads = 2 if any(f":{name}" in traffic["workload"] for name in TWO_INPUTS) else 1
     floor = (reads + (1 if backward else 0)) * logits * size / gpu.copy_bytes_per_s
     return {
         "workload": traffic["workload"], "dtype": dtype, "tokens": rows, "vocab": vocab,

@@ -111,6 +111,14 @@ def _distill(divergence: str):
     return step
 
 
+def _soft_targets(x, t, go):
+    """Cross-entropy against class probabilities of the logits' shape (the Triton kernel):
+    the logits are an activation, the probabilities a constant."""
+    logits, probs = x
+    loss = fusedce.cross_entropy(_Activation.apply(logits), probs, impl="triton")
+    loss.backward()
+
+
 def _liger(backward: bool, reduction: str = "mean", accuracy: bool = False):
     def step(x, t, go):
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
@@ -155,6 +163,8 @@ WORKLOADS = [
              "forward + backward", _distill("forward_kl"), distill=True),
     Workload("fusedce", "distill_jsd", "distillation, generalized JSD (beta 0.5) against "
              "teacher logits, forward + backward", _distill("jsd"), distill=True),
+    Workload("fusedce", "soft_targets", "class-probability targets of the logits' shape, "
+             "forward + backward", _soft_targets, distill=True),
     Workload("liger", "fwd", "forward only", _liger(False)),
     Workload("liger", "fwd_bwd", "forward + backward, grad_output 1", _liger(True)),
     Workload("liger", "fwd_bwd_scaled", "grad_output 1/8", _liger(True), go="scaled"),
