@@ -211,8 +211,9 @@ def _meta(args, argv, device, bandwidth, started, skipped) -> dict:
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "duration_s": round(time.perf_counter() - started, 1),
         "timing": ("CUDA events, median (triton.testing.do_bench)" if cuda
-                   else "wall clock after 1 warm-up, median of 5 (cross-entropy cells) or 3 "
-                        "(fused linear cells)"),
+                   else "wall clock after 1 warm-up, median of at least 5 calls (cross-entropy "
+                        "cells) or 3 (fused linear cells), repeated up to 50 calls while the "
+                        "timed calls add up to under 0.5 s"),
         "memory": ("torch.cuda.max_memory_allocated above the inputs" if cuda
                    else "peak resident set (VmHWM after clear_refs) above the resident set"),
         "skipped": skipped,

@@ -3,6 +3,8 @@
 * multi-token prediction: peak extra memory of a 3-depth loss, fusedce's one call against a loop
   of ``F.cross_entropy`` over ``logits[:, :-d]`` (what MTP code commonly writes);
 * ``batch_invariant=True``: time of the PyTorch implementation against the default;
+* forward-only entry points (RL rollouts, evaluation): ``token_logprobs`` and ``return_stats``
+  under ``torch.no_grad()`` against the eager operations they replace, interleaved;
 * distillation: time, peak extra memory and error of ``fusedce.distillation_loss`` (and of the
   fused linear form from hidden states) against the unfused formula (log-softmax of both,
   ``F.kl_div``; TRL's generalized JSD), forward + backward.
@@ -87,6 +89,61 @@ def invariance_cost() -> list[str]:
                     ms.append(_median_ms(step))
                 cells.append(f"{ms[0]:.1f} -> {ms[1]:.1f} ({ms[1] / ms[0]:.2f}x)")
             lines.append(f"| {str(dtype)[6:]} | {n} x {c} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, called in turn (one warm-up each), so that a shared
+    machine's slow spells fall on all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(v)[repeats // 2] * 1e3 for name, v in times.items()}
+
+
+def _eager_stats(x, t):
+    """The loss, entropy and accuracy with eager operations, as evaluation code writes them."""
+    log_q = F.log_softmax(x.float(), -1)
+    loss = F.nll_loss(log_q, t)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    counted = t != -100
+    accuracy = ((x.argmax(-1) == t) & counted).sum() / counted.sum()
+    return loss, entropy, accuracy
+
+
+def forward_entry_points() -> list[str]:
+    lines = ["## Forward-only entry points, PyTorch implementation, no gradient (interleaved "
+             "medians of 25 at 256 tokens, 9 at 2048)", "",
+             "| dtype | shape | token_logprobs (batch-invariant) | -F.cross_entropy(none) | "
+             "log_softmax + gather | cross_entropy(return_stats=True) | eager loss + entropy "
+             "+ accuracy |", "|---|---|---|---|---|---|---|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, c in ((256, 32000), (2048, 32000), (256, 128256)):
+            xs = [make_logits(n, c, dtype) for _ in range(4)]
+            t = make_targets(n, c)
+            state = {"i": 0}
+
+            def x():  # (rotating inputs: not served from the cache)
+                state["i"] = (state["i"] + 1) % len(xs)
+                return xs[state["i"]]
+            with torch.no_grad():
+                ms = _interleaved_ms({
+                    "logprobs": lambda: fusedce.token_logprobs(x(), t, impl="torch"),
+                    "ce_none": lambda: -F.cross_entropy(x(), t, reduction="none"),
+                    "gather": lambda: torch.log_softmax(x().float(), -1).gather(
+                        1, t.clamp(min=0)[:, None]),
+                    "stats": lambda: fusedce.cross_entropy(x(), t, impl="torch",
+                                                           return_stats=True),
+                    "eager_stats": lambda: _eager_stats(x(), t),
+                }, 25 if n <= 256 else 9)
+            lines.append(f"| {str(dtype)[6:]} | {n} x {c} | {ms['logprobs']:.2f} | "
+                         f"{ms['ce_none']:.2f} | {ms['gather']:.2f} | {ms['stats']:.2f} | "
+                         f"{ms['eager_stats']:.2f} |")
     return lines
 
 
@@ -179,7 +236,8 @@ def main() -> int:
               f"Generated {stamp} by `python -m bench.extras` (torch {torch.__version__}, "
               f"triton {triton.__version__}, {torch.get_num_threads()} threads); CPU timings on "
               "a shared machine vary between runs.", ""]
-    body = mtp_memory() + [""] + invariance_cost() + [""] + distillation_cost()
+    body = (mtp_memory() + [""] + invariance_cost() + [""] + forward_entry_points() + [""]
+            + distillation_cost())
     out = RESULTS / device_slug(CPU) / "extras.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(header + body) + "\n")

@@ -25,10 +25,16 @@ from types import ModuleType
 _MODULES = {"triton": "fusedce.kernels", "torch": "fusedce.torch_impl"}
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def get(impl: str) -> ModuleType:
     """The backend module of a resolved ``impl`` (imported on first use: Triton only when the
     kernels run)."""
-    return importlib.import_module(_MODULES[impl])
+    module = _LOADED.get(impl)
+    if module is None:
+        module = _LOADED[impl] = importlib.import_module(_MODULES[impl])
+    return module
 
 
 __all__ = ["get"]

@@ -197,7 +197,7 @@ def ce_fwd(
         grad = grad.reshape(logits.shape)
     n_rows, n_cols = logits.shape
     check_targets(target, vocab.n_classes if vocab is not None else n_cols, spec.ignore_index)
-    if cpu_fused.applies(logits, weight, spec, vocab, stat_grads, grad) and (
+    if cpu_fused.applies(logits, weight, spec, vocab, stat_grads, grad, stats_out) and (
             row_stats is None or grad is not None):
         # The common case as fused, compiled loops (None if they could not be compiled).
         merged = _merge(row_stats)[:2] if row_stats is not None else None

@@ -38,9 +38,17 @@ def soft_ce(
         return loss
     has_weight = weight is not None
     weight = _dense(weight.to(torch.float32)) if has_weight else factors
+    # The cross-entropy kernels' plan for two tensors read side by side; with a 32-bit tensor at
+    # most 16 warps: a thread's columns of both in 32-bit registers beside four running vectors
+    # do not fit the 64 registers a thread has at 32 warps (the static model's sm_90 compile
+    # spilled), where 16-bit pairs do.
     cfg = launch_config(n_rows, n_cols, device, block_size=_TILING["block_size"],
                         n_splits=_TILING["n_splits"], element_size=logits.element_size()
                         + target.element_size(), lanes=4)
+    wide = max(logits.element_size(), target.element_size()) >= 4
+    if _TILING["block_size"] is None and cfg.num_warps > 16 and wide:
+        cfg = launch_config(n_rows, n_cols, device, block_size=cfg.block_size // 2,
+                            n_splits=_TILING["n_splits"], lanes=4)
     args = dict(logits_ptr=logits, target_ptr=target, weight_ptr=weight,
                 stride_logits_row=logits.stride(0), stride_target_row=target.stride(0),
                 n_cols=n_cols, smooth_keep=1.0 - float(smoothing),

@@ -57,13 +57,91 @@ def test_options_outside_the_common_case_take_the_eager_composition(monkeypatch)
     calls = []
     monkeypatch.setattr(cpu_fused, "ce_fwd", lambda *a: calls.append(1))
     x, t = make_logits(8, 50, torch.float32), make_targets(8, 50)
-    for kw in (dict(label_smoothing=0.1), dict(softcap=5.0), dict(return_stats=True),
-               dict(weight=torch.rand(50)), dict(lse_square_scale=1e-3),
-               dict(batch_invariant=True), dict(temperature=0.5)):
+    for kw in (dict(label_smoothing=0.1), dict(softcap=5.0), dict(weight=torch.rand(50)),
+               dict(lse_square_scale=1e-3)):
         fusedce.cross_entropy(x, t, impl="torch", **kw)
     x64 = x.double()
     fusedce.cross_entropy(x64, t)
+    # With a gradient: the statistics, batch invariance and a temperature too.
+    for kw in (dict(return_stats=True), dict(batch_invariant=True), dict(temperature=0.5)):
+        fusedce.cross_entropy(x.clone().requires_grad_(), t, impl="torch", **kw)
     assert not calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_only_statistics_and_temperature(monkeypatch, dtype):
+    """Without a gradient, one compiled call gives the loss at a temperature, the entropy, the
+    first argmax (ties, a NaN row, an all -inf row) and the accuracy: the eager composition's
+    answers and the float64 formulas', with ignored rows exact zeros (argmax -1); and
+    token_logprobs (batch-invariant) runs it."""
+    x = make_logits(40, 300, dtype)
+    t = make_targets(40, 300, ignore_fraction=0.25)
+    x[1, [7, 9]] = x[1].max() + 1  # a tie: the first index
+    t[1] = 9
+    x[2, 11] = float("nan")
+    t[2] = -100
+    x[3] = float("-inf")
+    t[3] = -100
+    x[4, :100] = float("-inf")  # masked columns add nothing to the entropy
+    t[4] = 200
+    calls = []
+    real = cpu_fused._call
+    monkeypatch.setattr(cpu_fused, "_call", lambda name, *a: calls.append(name) or real(name, *a))
+    with torch.no_grad():
+        loss, stats = fusedce.cross_entropy(x, t, impl="torch", reduction="none",
+                                            temperature=0.7, return_stats=True)
+        logp = fusedce.token_logprobs(x, t, impl="torch", temperature=0.7)
+    assert calls and set(calls) == {"forward_stats", "forward"}
+    monkeypatch.setitem(cpu_fused._STATE, "enabled", False)
+    eager_loss, eager_stats = fusedce.cross_entropy(x, t, impl="torch", reduction="none",
+                                                    temperature=0.7, return_stats=True)
+    counted = t != -100
+    z = x.double() / 0.7
+    log_q = torch.log_softmax(z, -1)
+    safe = torch.where(counted, t, 0)
+    ref_loss = torch.where(counted, -log_q.gather(1, safe[:, None]).squeeze(1), 0.0)
+    p = log_q.exp()
+    ref_h = torch.where(counted, -torch.where(p > 0, p * log_q, 0.0).sum(-1), 0.0)
+    ok = counted.clone()
+    for ours in (loss, eager_loss):
+        assert rel_err(ours[ok], ref_loss[ok]) < TOL[dtype]
+        assert torch.all(ours[~counted] == 0)
+    assert rel_err(stats.entropy[ok], ref_h[ok]) < TOL[dtype] * 10
+    assert rel_err(stats.entropy, eager_stats.entropy) < TOL[dtype] * 10
+    assert torch.all(stats.entropy[~counted] == 0)
+    assert torch.equal(stats.argmax, eager_stats.argmax)
+    assert stats.argmax[1] == 7 and torch.all(stats.argmax[~counted] == -1)
+    assert stats.accuracy == eager_stats.accuracy
+    assert logp.dtype == torch.float32 and torch.all(logp[~counted] == 0)
+    assert rel_err(-logp[ok], ref_loss[ok]) < 1e-5  # (float32 from the same logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_only_batch_invariant(dtype):
+    """batch_invariant without a gradient: one row's loss, entropy and argmax bitwise the same
+    alone, in batches that fill whole fixed-size calls, and padded into the last one, at the
+    front, middle and back, in packed and strided logits."""
+    g = torch.Generator().manual_seed(5)
+    n_cols = 333
+    row = (torch.randn(n_cols, generator=g) * 3).to(dtype)
+    results = []
+    rows = cpu_fused.INVARIANT_ROWS
+    for size in (1, 7, rows, 3 * rows, 3 * rows + 5):
+        for pos in {0, size // 2, size - 1}:
+            for strided in (False, True):
+                wide = (torch.randn(size, n_cols + 8, generator=g) * 3).to(dtype)
+                x = wide[:, :n_cols] if strided else wide[:, :n_cols].contiguous()
+                x[pos] = row
+                t = torch.randint(0, n_cols, (size,), generator=g)
+                t[pos] = 17
+                with torch.no_grad():
+                    loss, stats = fusedce.cross_entropy(
+                        x, t, impl="torch", reduction="none", temperature=0.8,
+                        batch_invariant=True, return_stats=True)
+                results.append((loss[pos], stats.entropy[pos], stats.argmax[pos]))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def test_a_failed_compilation_falls_back_with_a_warning(monkeypatch):
