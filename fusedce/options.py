@@ -213,18 +213,25 @@ def public_class(entry: str):
     return decorate
 
 
+_KNOWN: dict[str, dict[str, Option]] = {}
+
+
 def collect(entry: str, given: dict) -> dict:
     """The options of a call of ``entry`` (the keywords it got through ``**options``), checked
-    and with every default filled in: an unknown keyword is the ``TypeError`` Python raises."""
-    known = {o.name: o for o in keyword_options(entry)}
+    and with every default filled in: an unknown keyword is the ``TypeError`` Python raises.
+    (Defaults are valid: only the given values are checked, which keeps a call's overhead
+    small.)"""
+    known = _KNOWN.get(entry)
+    if known is None:
+        known = _KNOWN[entry] = {o.name: o for o in keyword_options(entry)}
     for name in given:
         if name not in known:
             raise TypeError(f"{entry}() got an unexpected keyword argument {name!r}")
-    out = {}
-    for name, o in known.items():
-        value = given.get(name, o.default)
-        if o.check is not None:
-            o.check(value)
+    out = {name: o.default for name, o in known.items()}
+    for name, value in given.items():
+        check = known[name].check
+        if check is not None:
+            check(value)
         out[name] = value
     return out
 

@@ -5,6 +5,7 @@ teachers; bad inputs refused before anything is written."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -525,21 +526,22 @@ def test_every_input_layout(impl, device, poison):
     ids_t, lp_t = ids.t().contiguous().t(), lp.t().contiguous().t()  # column-major
     before = [v.clone() for v in (wide, t_wide, labels_wide, ids_t, lp_t)]
     common = dict(hard_loss_weight=0.5, impl=impl, reduction="none")
-    with tiling(block_size=8):
-        for kwargs, dense in [
+    for n_splits, (kwargs, dense) in itertools.product((1, 2), [
             (dict(teacher_logits=teacher, target=labels, token_weight=weights),
              dict(teacher_logits=teacher.contiguous(), target=labels.contiguous(),
                   token_weight=weights.contiguous())),
             (dict(target=labels.to(torch.int32), teacher_topk_ids=ids_t,
                   teacher_topk_logprobs=lp_t),
              dict(target=labels.contiguous(), teacher_topk_ids=ids, teacher_topk_logprobs=lp)),
-        ]:
+    ]):
+        # (the kernels: one program per row, and the vocabulary split in two)
+        with tiling(block_size=8, n_splits=n_splits):
             xi = x.detach().requires_grad_()
             got = fusedce.distillation_loss(xi, **kwargs, **common)
             (g_got,) = torch.autograd.grad(got.sum(), xi)
             xd = x.contiguous().requires_grad_()
             want = fusedce.distillation_loss(xd, **dense, **common)
             (g_want,) = torch.autograd.grad(want.sum(), xd)
-            assert rel_err(got, want) <= 1e-6 and rel_err(g_got, g_want) <= 1e-6
+        assert rel_err(got, want) <= 1e-6 and rel_err(g_got, g_want) <= 1e-6
     for a, b in zip(before, (wide, t_wide, labels_wide, ids_t, lp_t)):
         assert torch.equal(a, b)

@@ -62,6 +62,12 @@ def test_unknown_and_bad_keywords_are_refused_before_anything_runs():
         bad = "not a valid value" if not isinstance(o.default, str) else "nonsense"
         with pytest.raises((TypeError, ValueError), match=o.name):
             o.check(bad)
+        o.check(o.default)  # (a call checks only the values it was given: defaults are valid)
+    given = {"softcap": 5.0, "temperature": 0.5}
+    out = options.collect(options.CE, given)
+    assert {k: out[k] for k in given} == given
+    assert all(out[o.name] == o.default for o in options.keyword_options(options.CE)
+               if o.name not in given)
 
 
 def test_every_spec_field_is_an_option_or_pytorchs():
