@@ -32,6 +32,21 @@ def _splits(n_rows: int, n_cols: int, block: int, device: torch.device) -> tuple
     return cfg.n_splits, cfg.cols_per_split
 
 
+def _prologue(name: str, wide: dict, target, factors, stats: bool):
+    """The wrappers' shared start: the (N, C) tensors' unit column stride checked, the per-row
+    inputs made dense (the kernels index them by a flat row offset), and the per-row outputs
+    (loss, divergence, entropy, agreement; the last two empty without ``stats``)."""
+    student = wide["student"]
+    n_rows, n_cols = student.shape
+    for arg, t in wide.items():
+        if t is not None and n_cols > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}'s {arg} must have a unit column stride")
+    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    entropy = torch.empty(n_rows if stats else 0, dtype=torch.float32, device=student.device)
+    return (_dense(target), _dense(factors),
+            (loss, torch.empty_like(loss), entropy, torch.empty_like(entropy)))
+
+
 def _logs(beta: float) -> tuple[float, float]:
     """(log beta, log(1 - beta)), 0 where undefined (the JSD's ends never read them)."""
     return (math.log(beta) if 0.0 < beta else 0.0,
@@ -67,15 +82,9 @@ def kd_fwd(
         without ``stats``).
     """
     n_rows, n_cols = student.shape
-    for name, t in (("student", student), ("teacher", teacher), ("grad", grad)):
-        if t is not None and n_cols > 1 and t.stride(1) != 1:
-            raise ValueError(f"kd_fwd's {name} must have a unit column stride")
     device = student.device
-    target, factors = _dense(target), _dense(factors)  # (indexed by a flat row offset)
-    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    div = torch.empty_like(loss)
-    entropy = torch.empty(n_rows if stats else 0, dtype=torch.float32, device=device)
-    agree = torch.empty_like(entropy)
+    target, factors, (loss, div, entropy, agree) = _prologue(
+        "kd_fwd", dict(student=student, teacher=teacher, grad=grad), target, factors, stats)
     if n_rows == 0:
         return loss, div, entropy, agree
     block = _TILING["block_size"] or min(triton.next_power_of_2(max(n_cols, 1)), 4096)
@@ -159,15 +168,9 @@ def kd_topk(
     by the caller: in range, no duplicates) and ``logprobs`` (N, k) the teacher's
     full-vocabulary log-probabilities; ``tail`` "bucket" or "renormalize"."""
     n_rows, n_cols = student.shape
-    for name, t in (("student", student), ("grad", grad)):
-        if t is not None and n_cols > 1 and t.stride(1) != 1:
-            raise ValueError(f"kd_topk's {name} must have a unit column stride")
     device = student.device
-    target, factors = _dense(target), _dense(factors)  # (indexed by a flat row offset)
-    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    div = torch.empty_like(loss)
-    entropy = torch.empty(n_rows if stats else 0, dtype=torch.float32, device=device)
-    agree = torch.empty_like(entropy)
+    target, factors, (loss, div, entropy, agree) = _prologue(
+        "kd_topk", dict(student=student, grad=grad), target, factors, stats)
     if n_rows == 0:
         return loss, div, entropy, agree
     k = ids.shape[1]
